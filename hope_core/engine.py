@@ -1,0 +1,266 @@
+"""The engine the server calls: absorb tokens into a session while learning, and generate.
+
+It knows nothing of HTTP or storage. A call works on the `SessionState` it is given, replacing
+its `state` as tokens are absorbed (the tensors themselves are never modified in place), so a
+caller that wants a transaction passes a copy (`session.copy()` is cheap) and keeps or drops it.
+
+A session is one endless token stream (HOPE.md section 3). `absorb` appends tokens and returns
+each one's log-probability given everything before it; `generate` samples tokens one at a time
+and absorbs each as it is produced. Both learn unless told not to: then every memory stays as it
+was and only the working copy's attention window moves on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from hope_core.checkpoint import Checkpoint, load_checkpoint
+from hope_core.model import LEVELS, ChunkMetrics, HopeLM, Learning, State
+from hope_core.sampling import SamplingParams, StopMatcher, sample
+from hope_core.state import SessionState
+
+
+@dataclass
+class UpdateRecord:
+    """One memory update of one session: what the server exports as metrics."""
+
+    level: str  # "titans", "fast" or "mid"
+    surprise: float  # titans: mean ||M(k) - v||^2; fast/mid: mean next-token loss of the chunk
+    update_norm: float  # ||delta W|| / ||W||
+
+
+@dataclass
+class AbsorbResult:
+    logprobs: list[float]  # log p(token_i | everything before it), one per absorbed token
+    updates: list[UpdateRecord] = field(default_factory=list)
+
+
+@dataclass
+class TokenEvent:
+    token_id: int
+    text: str  # text that became final with this token (may be empty: held back or partial UTF-8)
+    logprob: float
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" or "length"
+    logprobs: list[float]
+    updates: list[UpdateRecord]
+
+
+class Generation:
+    """Iterate for `TokenEvent`s as tokens are produced; `result` is set once it is exhausted.
+
+    Stopping the iteration early (`close()`, or just dropping it) stops generation at once.
+    """
+
+    def __init__(self, it: Iterator[TokenEvent], holder: list[GenerationResult]) -> None:
+        self._it, self._holder = it, holder
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        return self._it
+
+    def __next__(self) -> TokenEvent:
+        return next(self._it)
+
+    def close(self) -> None:
+        self._it.close()  # type: ignore[attr-defined]
+
+    @property
+    def result(self) -> GenerationResult:
+        if not self._holder:
+            raise RuntimeError("generation has not finished")
+        return self._holder[0]
+
+
+def _learning(learn: bool | Learning) -> Learning:
+    if isinstance(learn, Learning):
+        return learn
+    return Learning() if learn else Learning.off()
+
+
+def _records(m: ChunkMetrics, row: int) -> list[UpdateRecord]:
+    out = []
+    for lvl in LEVELS:
+        norm = float(m.update_norm[lvl][row])
+        if not math.isnan(norm):
+            out.append(UpdateRecord(lvl, float(m.surprise[lvl][row]), norm))
+    return out
+
+
+class Engine:
+    def __init__(self, checkpoint: Checkpoint | None = None, device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+        self.checkpoint = checkpoint or load_checkpoint(device=self.device)
+        self.model: HopeLM = self.checkpoint.model.to(self.device).eval().requires_grad_(False)
+        self.tokenizer = self.checkpoint.tokenizer
+        self.fingerprint = self.checkpoint.fingerprint
+        self.cfg = self.model.cfg
+        self._fresh: State | None = None
+
+    # ---- sessions ------------------------------------------------------------------------
+
+    def new_session(self) -> SessionState:
+        """A fresh session: memories at their initial values, the stream begun with BOS."""
+        if self._fresh is None:
+            session = SessionState(self.model.init_state(1), self.fingerprint)
+            self.absorb(session, [self.tokenizer.bos_id])
+            self._fresh = session.state
+        return SessionState(self._fresh, self.fingerprint)
+
+    def load_session(self, blob: bytes) -> SessionState:
+        return SessionState.from_bytes(blob, self.model, self.fingerprint, self.device)
+
+    # ---- absorbing -----------------------------------------------------------------------
+
+    def absorb(self, session: SessionState, tokens: Sequence[int],
+               learn: bool | Learning = True) -> AbsorbResult:
+        """Append tokens to the session's stream; chunks that close on the way are learned."""
+        learning = _learning(learn)
+        C = self.cfg.chunk
+        toks = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
+        if toks.numel() and (int(toks.min()) < 0 or int(toks.max()) >= self.cfg.vocab_size):
+            raise ValueError("token id out of the vocabulary")
+        state = session.state
+        logprobs: list[float] = []
+        updates: list[UpdateRecord] = []
+        pos = 0
+        with torch.no_grad():
+            while pos < toks.shape[1]:
+                n_open = int(state.n_open[0])
+                take = min(C - n_open, toks.shape[1] - pos)
+                piece = toks[:, pos:pos + take]
+                prev = state.last_hidden[:, None]
+                if n_open == 0 and take == C:  # a whole chunk: compute and learn it at once
+                    hidden, state, metrics = self.model.learn_chunk(piece, state, learning)
+                    updates += _records(metrics, 0)
+                else:
+                    hidden, state, _ = self.model.forward_open(piece, state)
+                    if int(state.n_open[0]) == C:
+                        state, recs = self._commit(state, learning)
+                        updates += recs.get(0, [])
+                logprobs += self._logprobs(torch.cat([prev, hidden[:, :-1]], 1), piece)
+                pos += take
+        session.state = state
+        return AbsorbResult(logprobs, updates)
+
+    def _commit(self, state: State, learning: Learning
+                ) -> tuple[State, dict[int, list[UpdateRecord]]]:
+        """Close full open chunks (rows with n_open == chunk): re-forward them and learn.
+
+        Returns the new state and the updates of each committed row."""
+        if not learning.any:
+            return self._roll_full(state), {}
+        full = (state.n_open == self.cfg.chunk).nonzero(as_tuple=True)[0]
+        sub = state.select(full)
+        start = replace(sub, n_open=torch.zeros_like(sub.n_open))
+        _, done, metrics = self.model.learn_chunk(sub.open_tokens, start, learning)
+        # the re-forward recomputes the last token's hidden; keep the decode step's value so a
+        # commit never changes what the next token is sampled from
+        done = replace(done, last_hidden=sub.last_hidden)
+        recs = {row: _records(metrics, i) for i, row in enumerate(full.tolist())}
+        if len(full) == state.batch_size:
+            return done, recs
+        return state.scatter(full, done), recs
+
+    def _roll_full(self, state: State) -> State:
+        full = (state.n_open == self.cfg.chunk).nonzero(as_tuple=True)[0]
+        rolled = self.model.roll(state.select(full))
+        rolled = replace(rolled, last_hidden=state.last_hidden[full])
+        return rolled if len(full) == state.batch_size else state.scatter(full, rolled)
+
+    def _logprobs(self, hidden: Tensor, targets: Tensor) -> list[float]:
+        logp = F.log_softmax(self.model.logits(hidden).float(), -1)
+        return logp.gather(-1, targets[..., None])[0, :, 0].tolist()
+
+    # ---- generating ----------------------------------------------------------------------
+
+    def next_logits(self, session: SessionState) -> Tensor:
+        with torch.no_grad():
+            return self.model.logits(session.state.last_hidden)[0].float()
+
+    def generate(self, session: SessionState, prompt: Sequence[int], params: SamplingParams,
+                 learn: bool | Learning = True) -> Generation:
+        """Absorb `prompt`, then sample up to `params.max_tokens` tokens, absorbing each one.
+
+        Generation stops at a stop token (absorbed: it closes the turn in the stream), at a stop
+        string (its text is not returned), or at max_tokens. The result's log-probabilities are
+        the generated tokens'; its updates include those made while absorbing the prompt.
+        Nothing happens until the first event is asked for.
+        """
+        holder: list[GenerationResult] = []
+        return Generation(self._generate(session, list(prompt), params, _learning(learn), holder),
+                          holder)
+
+    def _generate(self, session: SessionState, prompt: list[int], params: SamplingParams,
+                  learning: Learning, holder: list[GenerationResult]) -> Iterator[TokenEvent]:
+        updates = self.absorb(session, prompt, learning).updates if prompt else []
+        gen = params.generator()
+        stop_ids = set(params.stop_token_ids)
+        decoder = self.tokenizer.stream_decoder(skip_special=True)
+        stops = StopMatcher(params.stop)
+        ids: list[int] = []
+        logprobs: list[float] = []
+        text = ""
+        finish = "length"
+        while len(ids) < params.max_tokens:
+            logits = self.next_logits(session)
+            tok = sample(logits, params, gen)
+            lp = float(F.log_softmax(logits, -1)[tok])
+            updates += self.absorb(session, [tok], learning).updates
+            ids.append(tok)
+            logprobs.append(lp)
+            if tok in stop_ids:
+                finish = "stop"
+                out = stops.push(decoder.flush())[0] + stops.flush()
+                text += out
+                yield TokenEvent(tok, out, lp)
+                break
+            out, hit = stops.push(decoder.push(tok))
+            if not hit and len(ids) == params.max_tokens:  # the last token: release held text
+                more, hit = stops.push(decoder.flush())
+                out += more if hit else more + stops.flush()
+            text += out
+            yield TokenEvent(tok, out, lp)
+            if hit:
+                finish = "stop"
+                break
+        holder.append(GenerationResult(ids, text, finish, logprobs, updates))
+
+    # ---- several sessions in one step --------------------------------------------------------
+
+    def decode_batch(self, batch: State, tokens: Tensor, learn: bool | Learning = True
+                     ) -> tuple[Tensor, State, list[list[UpdateRecord]]]:
+        """Absorb one token per session [B] in one batched forward (per-session memories as
+        stacked weights); sessions whose chunk closes are learned together. Returns the next
+        token logits [B, V], the new batch state, and each row's updates."""
+        learning = _learning(learn)
+        if bool((batch.n_open >= self.cfg.chunk).any()):
+            raise ValueError("a session in the batch has an uncommitted full chunk")
+        with torch.no_grad():
+            tokens = tokens.view(-1, 1).to(self.device, torch.long)
+            _, state, _ = self.model.forward_open(tokens, batch)
+            recs: dict[int, list[UpdateRecord]] = {}
+            if bool((state.n_open == self.cfg.chunk).any()):
+                state, recs = self._commit(state, learning)
+            per_row = [recs.get(i, []) for i in range(state.batch_size)]
+            logits = self.model.logits(state.last_hidden).float()
+        return logits, state, per_row
+
+    @staticmethod
+    def stack(sessions: Sequence[SessionState]) -> State:
+        return State.cat([s.state for s in sessions])
+
+    @staticmethod
+    def unstack(batch: State, sessions: Sequence[SessionState]) -> None:
+        for i, s in enumerate(sessions):
+            s.state = batch.select(torch.tensor([i], device=batch.n_open.device))

@@ -1,0 +1,212 @@
+"""`hope eval`: what learning while serving buys, measured on text that training never saw.
+
+* held-out loss with learning on versus off: each held-out window is read by a fresh session,
+  and every token is scored before it is absorbed (so learning can only use the past);
+* the re-read gain (HOPE.md invariant 6): a passage is read once with learning on, pushed out of
+  the attention window by a distractor, then scored again with learning off; the gain is the
+  loss reduction relative to scoring the passage in a fresh session;
+* ablations of the session levels (slow only, fast only, no Titans) on both measures, and plain
+  versus self-modifying Titans when a plain checkpoint is given with --compare;
+* single-session decode tokens/s, learning on and off.
+
+`hope eval --json` prints one JSON object; `--markdown FILE` writes the results table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+
+from hope_core import data
+from hope_core.checkpoint import load_checkpoint
+from hope_core.engine import Engine
+from hope_core.model import HopeConfig, Learning
+from hope_core.sampling import SamplingParams
+
+ABLATIONS = {
+    "full": Learning(),
+    "slow_only": Learning.off(),
+    "fast_only": Learning(titans=True, fast=True, mid=False),
+    "no_titans": Learning(titans=False, fast=True, mid=True),
+}
+
+
+@dataclass
+class EvalConfig:
+    window_tokens: int = 1024  # tokens per held-out window, one fresh session each
+    windows_per_source: int = 3
+    passage_tokens: int = 128
+    distractor_tokens: int = 384  # more than the attention window (256)
+    passages: int = 8
+    decode_tokens: int = 200
+    sources: tuple[str, ...] = ("python_docs", "shakespeare", "fortunes")
+
+
+def heldout_streams(engine: Engine, ec: EvalConfig, cache_dir: Path) -> dict[str, data.TokenStream]:
+    docs = {s: data.load_corpus("heldout", (s,), cache_dir) for s in ec.sources}
+    return {s: data.TokenStream.cached(engine.tokenizer, d, cache_dir, name=f"eval-{s}")
+            for s, d in docs.items() if d}
+
+
+def heldout_loss(engine: Engine, windows: list[list[int]], learning: Learning) -> float:
+    total, n = 0.0, 0
+    for w in windows:
+        session = engine.new_session()
+        lps = engine.absorb(session, w, learning).logprobs
+        total -= sum(lps)
+        n += len(lps)
+    return total / n
+
+
+def reread_gain(engine: Engine, episodes: list[tuple[list[int], list[int]]], learning: Learning
+                ) -> tuple[float, float, float]:
+    """Returns (gain, loss of the re-read, loss in a fresh session), each averaged per token."""
+    reread, fresh = 0.0, 0.0
+    n = 0
+    for passage, distractor in episodes:
+        session = engine.new_session()
+        engine.absorb(session, passage, learning)
+        engine.absorb(session, distractor, learning)
+        reread -= sum(engine.absorb(session, passage, Learning.off()).logprobs)
+        fresh -= sum(engine.absorb(engine.new_session(), passage, Learning.off()).logprobs)
+        n += len(passage)
+    return 1 - reread / fresh, reread / n, fresh / n
+
+
+def decode_speed(engine: Engine, learning: Learning, n_tokens: int) -> float:
+    session = engine.new_session()
+    engine.absorb(session, engine.tokenizer.encode("The memory of a model"), learning)
+    params = SamplingParams(max_tokens=n_tokens, temperature=1.0, seed=0)
+    # warm up, then time; learning on pays its chunk commits inside the timed loop
+    for _ in engine.generate(session.copy(), [], SamplingParams(max_tokens=16, seed=1), learning):
+        pass
+    t = time.perf_counter()
+    gen = engine.generate(session, [], params, learning)
+    n = sum(1 for _ in gen)
+    return n / (time.perf_counter() - t)
+
+
+def evaluate(engine: Engine, ec: EvalConfig, cache_dir: Path, compare: Engine | None = None,
+             log=print) -> dict:
+    streams = heldout_streams(engine, ec, cache_dir)
+    windows: list[list[int]] = []
+    for stream in streams.values():
+        for batch in stream.iter_windows(1, ec.window_tokens - 1, ec.windows_per_source):
+            windows.append(batch[0].tolist())
+    # passages and distractors: consecutive stretches of held-out text from different sources
+    episodes = []
+    names = list(streams)
+    for i in range(ec.passages):
+        src, other = streams[names[i % len(names)]], streams[names[(i + 1) % len(names)]]
+        p0 = (i * 7919 * ec.passage_tokens) % max(1, len(src) - ec.passage_tokens)
+        d0 = (i * 104729 * ec.distractor_tokens) % max(1, len(other) - ec.distractor_tokens)
+        episodes.append((src.tokens[p0:p0 + ec.passage_tokens].tolist(),
+                         other.tokens[d0:d0 + ec.distractor_tokens].tolist()))
+
+    state = engine.new_session()
+    out: dict = {
+        "checkpoint": str(engine.checkpoint.path),
+        "fingerprint": engine.fingerprint,
+        "params": sum(p.numel() for p in engine.model.parameters()),
+        "state_bytes": len(state.to_bytes("float32")),
+        "state_bytes_bf16": len(state.to_bytes("bfloat16")),
+        "heldout_tokens": sum(len(w) for w in windows),
+        "reread_passages": len(episodes),
+    }
+    ablations: dict[str, dict] = {}
+    for name, learning in ABLATIONS.items():
+        t = time.perf_counter()
+        loss = heldout_loss(engine, windows, learning)
+        gain, reread, fresh = reread_gain(engine, episodes, learning)
+        ablations[name] = {"heldout_loss": loss, "reread_gain": gain, "reread_loss": reread,
+                           "fresh_loss": fresh}
+        log(f"{name:<10} heldout loss {loss:.4f}  re-read gain {gain:+.1%} "
+            f"({reread:.3f} vs fresh {fresh:.3f})  [{time.perf_counter() - t:.0f}s]")
+    if compare is not None:
+        learning = Learning()
+        loss = heldout_loss(compare, windows, learning)
+        gain, reread, fresh = reread_gain(compare, episodes, learning)
+        ablations["plain_titans"] = {"heldout_loss": loss, "reread_gain": gain,
+                                     "reread_loss": reread, "fresh_loss": fresh,
+                                     "checkpoint": str(compare.checkpoint.path)}
+        log(f"plain      heldout loss {loss:.4f}  re-read gain {gain:+.1%}")
+    out |= {
+        "heldout_loss_learn": ablations["full"]["heldout_loss"],
+        "heldout_loss_frozen": ablations["slow_only"]["heldout_loss"],
+        "reread_gain": ablations["full"]["reread_gain"],
+        "ablations": ablations,
+    }
+    out["decode_tokens_per_s_learn"] = decode_speed(engine, Learning(), ec.decode_tokens)
+    out["decode_tokens_per_s_frozen"] = decode_speed(engine, Learning.off(), ec.decode_tokens)
+    log(f"decode tokens/s: learning on {out['decode_tokens_per_s_learn']:.1f}, "
+        f"off {out['decode_tokens_per_s_frozen']:.1f}")
+    return out
+
+
+def markdown(r: dict) -> str:
+    lines = [
+        f"Checkpoint `{r['checkpoint']}` (fingerprint `{r['fingerprint'][:16]}`), "
+        f"{r['params']:,} parameters; session state {r['state_bytes']:,} bytes "
+        f"(fp32), {r['state_bytes_bf16']:,} bytes (bf16).",
+        "",
+        f"Held-out: {r['heldout_tokens']:,} tokens; re-read: {r['reread_passages']} passages.",
+        "",
+        "| session learning | held-out loss | re-read gain | re-read loss | fresh loss |",
+        "|---|---|---|---|---|",
+    ]
+    for name, a in r["ablations"].items():
+        lines.append(f"| {name} | {a['heldout_loss']:.4f} | {a['reread_gain']:+.1%} | "
+                     f"{a['reread_loss']:.3f} | {a['fresh_loss']:.3f} |")
+    lines += ["", f"Decode, one session: {r['decode_tokens_per_s_learn']:.1f} tokens/s learning on, "
+              f"{r['decode_tokens_per_s_frozen']:.1f} tokens/s learning off "
+              f"({torch.get_num_threads()} CPU threads)."]
+    return "\n".join(lines) + "\n"
+
+
+def parse_override(kv: str) -> tuple[str, object]:
+    """`lr_fast=0.05` -> ("lr_fast", 0.05), typed by the HopeConfig field."""
+    key, _, raw = kv.partition("=")
+    kinds = {f.name: f.type for f in fields(HopeConfig)}
+    if key not in kinds:
+        raise SystemExit(f"unknown config field {key!r}")
+    if kinds[key] == "bool":
+        return key, raw.lower() in ("1", "true", "yes")
+    return key, {"int": int, "float": float}.get(kinds[key], str)(raw)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="hope eval", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", help="checkpoint directory (default: the bundled one)")
+    p.add_argument("--compare", help="a plain-Titans checkpoint for the plain vs self-modifying row")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--markdown", help="write the results table to this file")
+    p.add_argument("--quick", action="store_true", help="fewer windows and passages")
+    p.add_argument("--cache-dir", default=str(data.DEFAULT_CACHE_DIR))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a serving-time config field (e.g. lr_fast=0.05)")
+    a = p.parse_args(argv)
+    overrides = dict(parse_override(kv) for kv in a.set)
+    ec = EvalConfig()
+    if a.quick:
+        ec.windows_per_source, ec.passages, ec.decode_tokens = 1, 3, 64
+    engine = Engine(load_checkpoint(a.checkpoint, a.device, overrides), a.device)
+    compare = Engine(load_checkpoint(a.compare, a.device), a.device) if a.compare else None
+    log = (lambda *x: print(*x, file=sys.stderr)) if a.json else print
+    r = evaluate(engine, ec, Path(a.cache_dir), compare, log)
+    if a.markdown:
+        Path(a.markdown).write_text(markdown(r))
+    if a.json:
+        print(json.dumps(r))
+    else:
+        print(markdown(r))
+
+
+if __name__ == "__main__":
+    main()

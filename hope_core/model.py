@@ -1,0 +1,683 @@
+"""The HOPE language model: sliding-window attention, self-modifying Titans memory and the
+Continuum Memory System, in one file.
+
+Everything a session changes lives in a `State` (a batch of sessions, each row one session);
+the `nn.Module` holds only the slow weights and the meta-learned initial values of the session's
+memories. The model is written as pure functions of (slow weights, state, tokens) so that the
+same code serves one session, a batch of sessions in one decode step, and pre-training.
+
+Choices made where HOPE.md leaves room (see docs/architecture.md for the longer story):
+
+* Chunk-synchronous learning. Every per-session memory (Titans and the fast CMS level) changes
+  only at boundaries of `chunk` absorbed tokens, counted from the start of the stream; the mid
+  level changes every `mid_period` tokens. Inside a chunk every read uses the chunk-start
+  weights, so decoding one token at a time and computing a whole chunk at once are the same
+  function of the same inputs (invariant 2).
+* The attention cache is the last `window` committed tokens' keys and values plus the open chunk's
+  (`chunk` slots). A commit appends the open chunk and drops the oldest. A query at position p sees the keys
+  at positions (p - window, p].
+* Titans: reads use the chunk-start memory. The write takes all gradients at the chunk-start
+  weights (the dual form), and applies momentum and the retention gate per token in closed form,
+  which is exactly the token-by-token recurrence S_t = beta S_{t-1} - eta_t g_t,
+  M_t = alpha_t M_{t-1} + S_t. Gradients are written by hand (checked against autograd in the
+  tests) with differentiable ops, so pre-training backpropagates through the inner loop.
+* Self-modifying variant: k, v, and the inputs of eta and alpha are produced by adaptive memories
+  of the same form as the main memory. All memories of a head read the same key k_t; the main
+  memory's target is v_t and memory m's target is its own prediction M_m(v_t) with gradient
+  stopped. The query stays a static projection. All memories of a head share eta_t and alpha_t.
+* CMS levels: slow (shared MLP) -> mid -> fast, each `h = h + MLP(RMSNorm(h))`. At a chunk's
+  end the session levels take the gradient of the next-token loss summed over the chunk's
+  predictions whose targets lie inside the chunk (chunk - 1 of them; the first token of the
+  next chunk is not known yet). The fast level steps every chunk; the mid level accumulates and
+  steps every `mid_period` tokens. Both are pulled back towards their initial weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class HopeConfig:
+    vocab_size: int = 4096
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    window: int = 256  # attention sees this many most recent tokens, itself included
+    chunk: int = 16  # Titans chunk and fast CMS period
+    mid_period: int = 256  # mid CMS period, a multiple of `chunk`
+    mem_hidden: int = 32  # hidden width of each Titans memory MLP, per head
+    self_modifying: bool = True  # k/v/eta/alpha from adaptive memories (else static projections)
+    slow_hidden: int = 1024
+    mid_hidden: int = 64
+    fast_hidden: int = 32
+    conv_width: int = 4
+    rope_base: float = 10000.0
+    eta_max: float = 0.03  # Titans inner learning rate ceiling
+    mem_max_norm: float = 4.0  # Frobenius cap of each memory matrix, per head
+    lr_fast: float = 0.03
+    lr_mid: float = 0.01
+    decay_fast: float = 0.02  # pull towards the initial weights, per update
+    decay_mid: float = 0.01
+    cms_grad_clip: float = 5.0  # max norm of one session level's gradient (all layers)
+    tie_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError("d_model must be divisible by n_heads")
+        if self.window % self.chunk or self.mid_period % self.chunk:
+            raise ValueError("window and mid_period must be multiples of chunk")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def n_memories(self) -> int:
+        """Memories per head: the main one, plus k, v, eta and alpha when self-modifying."""
+        return 5 if self.self_modifying else 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> HopeConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown config keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Learning:
+    """Which session levels learn. `Learning.off()` reads the state and changes nothing."""
+
+    titans: bool = True
+    fast: bool = True
+    mid: bool = True
+
+    @classmethod
+    def off(cls) -> Learning:
+        return cls(False, False, False)
+
+    @property
+    def any(self) -> bool:
+        return self.titans or self.fast or self.mid
+
+
+LEVELS = ("titans", "fast", "mid")
+CMS_WEIGHTS = ("fast_up", "fast_down", "mid_up", "mid_down")  # the session CMS tensors
+
+
+# --------------------------------------------------------------------------------------------
+# State: a batch of sessions. Per layer a dict of tensors, each with the batch first.
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class State:
+    layers: list[dict[str, Tensor]]
+    n_committed: Tensor  # [B] long: tokens in closed chunks; also the open chunk's first position
+    n_open: Tensor  # [B] long: tokens absorbed into the open chunk (0..chunk-1 between calls)
+    open_tokens: Tensor  # [B, chunk] long: the open chunk's tokens, for the learning re-forward
+    last_hidden: Tensor  # [B, d] final residual of the last absorbed token (next-token logits)
+    updates: Tensor  # [B, 3] long: updates so far per level (titans, fast, mid)
+
+    @property
+    def batch_size(self) -> int:
+        return self.n_committed.shape[0]
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Flat name -> tensor view, the layout used for serialisation and stacking."""
+        out = {
+            "n_committed": self.n_committed,
+            "n_open": self.n_open,
+            "open_tokens": self.open_tokens,
+            "last_hidden": self.last_hidden,
+            "updates": self.updates,
+        }
+        for i, layer in enumerate(self.layers):
+            for k, v in layer.items():
+                out[f"layers.{i}.{k}"] = v
+        return out
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, Tensor], n_layers: int) -> State:
+        layers: list[dict[str, Tensor]] = [{} for _ in range(n_layers)]
+        for name, v in t.items():
+            if name.startswith("layers."):
+                _, i, k = name.split(".", 2)
+                layers[int(i)][k] = v
+        return cls(layers, t["n_committed"], t["n_open"], t["open_tokens"], t["last_hidden"],
+                   t["updates"])
+
+    def map(self, fn) -> State:
+        return State.from_tensors({k: fn(v) for k, v in self.tensors().items()}, len(self.layers))
+
+    def select(self, rows: Tensor) -> State:
+        return self.map(lambda v: v[rows])
+
+    def detach(self) -> State:
+        return self.map(lambda v: v.detach())
+
+    def clone(self) -> State:
+        return self.map(lambda v: v.clone())
+
+    @staticmethod
+    def cat(states: list[State]) -> State:
+        flat = [s.tensors() for s in states]
+        return State.from_tensors({k: torch.cat([f[k] for f in flat]) for k in flat[0]},
+                                  len(states[0].layers))
+
+    def scatter(self, rows: Tensor, sub: State) -> State:
+        """A copy of self whose `rows` are replaced by `sub`."""
+        mine, theirs = self.tensors(), sub.tensors()
+        out = {}
+        for k, v in mine.items():
+            v = v.clone()
+            v[rows] = theirs[k].to(v.dtype)
+            out[k] = v
+        return State.from_tensors(out, len(self.layers))
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rope(x: Tensor, pos: Tensor, base: float) -> Tensor:
+    """Rotary embedding of x [B, T, H, dh] at absolute positions pos [B, T].
+
+    Angles are computed in float64: a session is an endless stream, and positions in the
+    millions would lose the relative phase in float32.
+    """
+    dh = x.shape[-1]
+    inv = base ** (-torch.arange(0, dh, 2, device=x.device, dtype=torch.float64) / dh)
+    ang = pos.to(torch.float64)[..., None] * inv  # [B, T, dh/2]
+    cos = torch.cos(ang).to(x.dtype)[:, :, None, :]
+    sin = torch.sin(ang).to(x.dtype)[:, :, None, :]
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+def append_open(committed: Tensor, open_buf: Tensor, slots: Tensor, new: Tensor) -> tuple[Tensor, Tensor]:
+    """Write new [B, T, ...] into the open chunk's buffer at slots [B, T].
+
+    Returns (new open buffer, committed history followed by it). A whole chunk (prefill,
+    commit, training) needs no scatter: it is the open buffer.
+    """
+    if new.shape[1] == open_buf.shape[1]:
+        open_buf = new.to(open_buf.dtype)
+    else:
+        idx = slots.view(*slots.shape, *([1] * (new.dim() - 2))).expand_as(new)
+        open_buf = open_buf.scatter(1, idx, new.to(open_buf.dtype))
+    return open_buf, torch.cat([committed, open_buf], dim=1)
+
+
+def silu_grad(z: Tensor) -> Tensor:
+    s = torch.sigmoid(z)
+    return s * (1 + z * (1 - s))
+
+
+def memory_apply(u: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """Residual memory MLP M(u) = u + silu(u A) B, per head.
+
+    u [B, T, H, dh] (or [B, H, N, T, dh] with a memory axis), a [B, H, N, dh, m], b [B, H, N, m, dh].
+    With a memory axis N in the weights and none in u, u is read by every memory: [B, H, N, T, dh].
+    """
+    if u.dim() == 4:
+        u = u.transpose(1, 2).unsqueeze(2)  # [B, H, 1, T, dh]
+    return u + F.silu(u @ a) @ b
+
+
+class SlidingWindowAttention(nn.Module):
+    def __init__(self, cfg: HopeConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+
+    def forward(self, x: Tensor, layer: dict[str, Tensor], q_pos: Tensor, slots: Tensor,
+                base: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [B, T, d]. Returns (output [B, T, d], new k buffer, new v buffer)."""
+        cfg = self.cfg
+        B, T, _ = x.shape
+        H, dh = cfg.n_heads, cfg.head_dim
+        q, k, v = self.qkv(x).view(B, T, 3, H, dh).unbind(2)
+        q, k = rope(q, q_pos, cfg.rope_base), rope(k, q_pos, cfg.rope_base)
+        open_k, kbuf = append_open(layer["attn_k"], layer["open_k"], slots, k)
+        open_v, vbuf = append_open(layer["attn_v"], layer["open_v"], slots, v)
+        S = kbuf.shape[1]
+        k_pos = base[:, None] - cfg.window + torch.arange(S, device=x.device)  # [B, S]
+        rel = q_pos[:, :, None] - k_pos[:, None, :]  # [B, T, S]
+        # slots after a query's own hold later (or stale) tokens: rel < 0 masks them
+        mask = (rel >= 0) & (rel < cfg.window) & (k_pos[:, None, :] >= 0)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), kbuf.to(q.dtype).transpose(1, 2), vbuf.to(q.dtype).transpose(1, 2),
+            attn_mask=mask[:, None],
+        )
+        return out.transpose(1, 2).reshape(B, T, -1), {"open_k": open_k, "open_v": open_v}
+
+
+class TitansMemory(nn.Module):
+    """Per-head associative memory, read before write (HOPE.md 2.1)."""
+
+    def __init__(self, cfg: HopeConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d, H, dh, m, N = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.mem_hidden, cfg.n_memories
+        # q, k, v projections go through the causal depthwise convolution
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.conv = nn.Parameter(torch.zeros(3 * d, cfg.conv_width))
+        with torch.no_grad():
+            self.conv[:, -1] = 1.0  # start as identity
+            self.conv[:, :-1].normal_(0, 0.02)
+        if cfg.self_modifying:
+            self.eta_alpha_in = nn.Linear(d, 2 * d, bias=False)  # inputs of the eta/alpha memories
+            self.eta_read = nn.Parameter(torch.randn(H, dh) * 0.02)
+            self.alpha_read = nn.Parameter(torch.randn(H, dh) * 0.02)
+        else:
+            self.eta_alpha_in = nn.Linear(d, 2 * H, bias=False)
+        self.eta_bias = nn.Parameter(torch.full((H,), -2.0))
+        self.alpha_bias = nn.Parameter(torch.full((H,), 5.0))  # retain ~99% at start
+        self.beta_logit = nn.Parameter(torch.tensor(1.5))  # momentum ~0.8 at start
+        # meta-learned initial memories (the session's copies start from these)
+        self.a0 = nn.Parameter(torch.randn(H, N, dh, m) * 0.5 / math.sqrt(dh))
+        self.read_norm = RMSNorm(dh)  # a memory's read is bounded whatever its weights hold
+        self.b0 = nn.Parameter(torch.randn(H, N, m, dh) * 0.02)
+
+    def init_layer_state(self, batch: int) -> dict[str, Tensor]:
+        d, cw, C = self.cfg.d_model, self.cfg.conv_width, self.cfg.chunk
+        a0, b0 = self.a0, self.b0
+        return {
+            "mem_a": a0.expand(batch, *a0.shape).clone(),
+            "mem_b": b0.expand(batch, *b0.shape).clone(),
+            "mom_a": torch.zeros(batch, *a0.shape, device=a0.device),
+            "mom_b": torch.zeros(batch, *b0.shape, device=a0.device),
+            # pre-convolution q/k/v projections: the last cw-1 committed ones, and the open chunk's
+            "conv_tail": torch.zeros(batch, cw - 1, 3 * d, device=a0.device),
+            "open_conv": torch.zeros(batch, C, 3 * d, device=a0.device),
+        }
+
+    def forward(self, x: Tensor, layer: dict[str, Tensor], slots: Tensor, want_update: bool):
+        """Read the chunk-start memory. Returns (read [B, T, d], new open buffers, update inputs)."""
+        cfg = self.cfg
+        B, T, d = x.shape
+        H, dh, cw = cfg.n_heads, cfg.head_dim, cfg.conv_width
+        proj = self.qkv(x)
+        open_conv, seq = append_open(layer["conv_tail"], layer["open_conv"], slots, proj)
+        if T != seq.shape[1] - (cw - 1):  # the tokens' rows and the cw-1 before the first
+            rows = slots[:, :1] + torch.arange(T + cw - 1, device=x.device)
+            seq = torch.gather(seq, 1, rows[..., None].expand(B, T + cw - 1, 3 * d))
+        mixed = F.conv1d(seq.transpose(1, 2), self.conv[:, None], groups=3 * d).transpose(1, 2)
+        q, k, v = mixed.view(B, T, 3, H, dh).unbind(2)
+        q = F.normalize(q, dim=-1)
+        a, b = layer["mem_a"], layer["mem_b"]
+        read = memory_apply(q, a[:, :, :1], b[:, :, :1])[:, :, 0]  # [B, H, T, dh]
+        read = self.read_norm(read).transpose(1, 2).reshape(B, T, d)
+        upd = self._update_inputs(x, k, v, a, b) if want_update else None
+        return read, {"open_conv": open_conv}, upd
+
+    def _update_inputs(self, x: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor):
+        """Keys, values, targets, eta and alpha of each token, from the chunk-start memories."""
+        cfg = self.cfg
+        B, T, _ = x.shape
+        H, dh = cfg.n_heads, cfg.head_dim
+        ea = self.eta_alpha_in(x)
+        if cfg.self_modifying:
+            k = memory_apply(k, a[:, :, 1:2], b[:, :, 1:2])[:, :, 0]  # [B, H, T, dh]
+            v = memory_apply(v, a[:, :, 2:3], b[:, :, 2:3])[:, :, 0]
+            e_in, a_in = ea.view(B, T, 2, H, dh).unbind(2)
+            e_out = memory_apply(e_in, a[:, :, 3:4], b[:, :, 3:4])[:, :, 0]
+            a_out = memory_apply(a_in, a[:, :, 4:5], b[:, :, 4:5])[:, :, 0]
+            eta_logit = (e_out * self.eta_read[None, :, None]).sum(-1)  # [B, H, T]
+            alpha_logit = (a_out * self.alpha_read[None, :, None]).sum(-1)
+            # each memory's own target: what it predicts for the value, gradient stopped
+            v = v[:, :, None]  # [B, H, 1, T, dh]
+            targets = torch.cat([v, memory_apply(v, a[:, :, 1:], b[:, :, 1:]).detach()], dim=2)
+        else:
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+            eta_logit, alpha_logit = ea.view(B, T, 2, H).permute(2, 0, 3, 1)
+            targets = v[:, :, None]
+        # unit keys and values keep every memory's error, and so its writes, bounded
+        k, targets = F.normalize(k, dim=-1), F.normalize(targets, dim=-1)
+        eta = F.softplus(eta_logit + self.eta_bias[None, :, None]) * cfg.eta_max
+        alpha = torch.sigmoid(alpha_logit + self.alpha_bias[None, :, None])
+        return k, targets, eta, alpha
+
+    def write(self, layer: dict[str, Tensor], upd) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        """One chunk's write. Returns (new memory tensors, surprise [B], relative update [B])."""
+        k, targets, eta, alpha = upd  # [B,H,T,dh], [B,H,N,T,dh], [B,H,T], [B,H,T]
+        a, b, sa, sb = layer["mem_a"], layer["mem_b"], layer["mom_a"], layer["mom_b"]
+        T = k.shape[2]
+        beta = torch.sigmoid(self.beta_logit)
+        # per-token gradients of l_t = ||M(k_t) - target_t||^2 at the chunk-start weights
+        ku = k[:, :, None]  # [B, H, 1, T, dh]
+        z = ku @ a  # [B, H, N, T, m]
+        h = F.silu(z)
+        err = ku + h @ b - targets
+        sq = (err ** 2).sum(-1, keepdim=True)
+        surprise = sq[:, :, 0, :, 0]  # main memory's loss per token [B, H, T]
+        # Huber-like: beyond an error of norm 1 the gradient stops growing, so one wild token
+        # (or a long session) cannot blow a memory up
+        d_out = 2 * err / sq.sqrt().clamp_min(1.0)
+        d_z = (d_out @ b.transpose(-1, -2)) * silu_grad(z)
+        # closed form of S_t = beta S_{t-1} - eta_t g_t ; M_t = alpha_t M_{t-1} + S_t over the chunk
+        log_alpha = torch.log(alpha.clamp_min(1e-12))
+        suffix = log_alpha.sum(-1, keepdim=True) - torch.cumsum(log_alpha, -1)  # sum_{s>t}
+        q_t = torch.exp(suffix)  # [B, H, T]: prod_{s>t} alpha_s
+        t_idx = torch.arange(T, device=k.device)
+        gap = (t_idx[:, None] - t_idx[None, :]).clamp_min(0)  # [t, j]
+        beta_pow = torch.where(t_idx[:, None] >= t_idx[None, :], beta ** gap, 0.0)
+        c_mem = eta * (q_t @ beta_pow)  # [B, H, T]: weight of g_j in M_T
+        c_mom = eta * beta ** (T - 1 - t_idx)  # weight of g_j in S_T
+        keep = torch.exp(log_alpha.sum(-1))[..., None, None, None]  # prod alpha, [B, H, 1, 1, 1]
+        mom_into_mem = (q_t * beta ** (t_idx + 1)).sum(-1)[..., None, None, None]
+
+        def weighted(c: Tensor) -> tuple[Tensor, Tensor]:
+            cz = d_z * c[:, :, None, :, None]
+            ga = ku.transpose(-1, -2) @ cz  # sum_j c_j k_j^T dz_j   [B, H, N, dh, m]
+            gb = h.transpose(-1, -2) @ (d_out * c[:, :, None, :, None])  # [B, H, N, m, dh]
+            return ga, gb
+
+        ga_mem, gb_mem = weighted(c_mem)
+        ga_mom, gb_mom = weighted(c_mom)
+        new_a = keep * a + mom_into_mem * sa - ga_mem
+        new_b = keep * b + mom_into_mem * sb - gb_mem
+        new_sa = beta ** T * sa - ga_mom
+        new_sb = beta ** T * sb - gb_mom
+        cap = self.cfg.mem_max_norm
+        new_a = new_a * (cap / new_a.norm(dim=(-2, -1), keepdim=True).clamp_min(cap))
+        new_b = new_b * (cap / new_b.norm(dim=(-2, -1), keepdim=True).clamp_min(cap))
+        delta = ((new_a - a)[:, :, 0] ** 2).sum((1, 2, 3)) + ((new_b - b)[:, :, 0] ** 2).sum((1, 2, 3))
+        norm = (a[:, :, 0] ** 2).sum((1, 2, 3)) + (b[:, :, 0] ** 2).sum((1, 2, 3))
+        rel = (delta / norm.clamp_min(1e-12)).sqrt()
+        new = {"mem_a": new_a, "mem_b": new_b, "mom_a": new_sa, "mom_b": new_sb}
+        return new, surprise.mean((1, 2)), rel
+
+
+class SessionMLP(nn.Module):
+    """A CMS level whose weights belong to the session: h + silu(norm(h) U) D, batched per row."""
+
+    def __init__(self, d: int, hidden: int, name: str) -> None:
+        super().__init__()
+        self.name = name
+        self.norm = RMSNorm(d)
+        self.up0 = nn.Parameter(torch.randn(d, hidden) / math.sqrt(d))
+        self.down0 = nn.Parameter(torch.zeros(hidden, d))
+
+    def init_layer_state(self, batch: int) -> dict[str, Tensor]:
+        up, down = self.up0, self.down0
+        return {
+            f"{self.name}_up": up.expand(batch, *up.shape).clone(),
+            f"{self.name}_down": down.expand(batch, *down.shape).clone(),
+        }
+
+    def forward(self, h: Tensor, up: Tensor, down: Tensor) -> Tensor:
+        return h + F.silu(self.norm(h) @ up) @ down
+
+
+class HopeBlock(nn.Module):
+    def __init__(self, cfg: HopeConfig) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.cfg = cfg
+        self.norm = RMSNorm(d)
+        self.attn = SlidingWindowAttention(cfg)
+        self.titans = TitansMemory(cfg)
+        self.gate = nn.Linear(d, d)
+        self.out = nn.Linear(d, d, bias=False)
+        self.slow_norm = RMSNorm(d)
+        self.slow_up = nn.Linear(d, cfg.slow_hidden, bias=False)
+        self.slow_down = nn.Linear(cfg.slow_hidden, d, bias=False)
+        self.mid = SessionMLP(d, cfg.mid_hidden, "mid")
+        self.fast = SessionMLP(d, cfg.fast_hidden, "fast")
+
+    def init_layer_state(self, batch: int) -> dict[str, Tensor]:
+        cfg = self.cfg
+        dev = self.out.weight.device
+        s = {
+            "attn_k": torch.zeros(batch, cfg.window, cfg.n_heads, cfg.head_dim, device=dev),
+            "attn_v": torch.zeros(batch, cfg.window, cfg.n_heads, cfg.head_dim, device=dev),
+            "open_k": torch.zeros(batch, cfg.chunk, cfg.n_heads, cfg.head_dim, device=dev),
+            "open_v": torch.zeros(batch, cfg.chunk, cfg.n_heads, cfg.head_dim, device=dev),
+        }
+        mid = self.mid.init_layer_state(batch)
+        s |= self.titans.init_layer_state(batch) | mid | self.fast.init_layer_state(batch)
+        s |= {f"{k}_grad": torch.zeros_like(v) for k, v in mid.items()}  # open mid gradient
+        return s
+
+    def forward(self, x: Tensor, layer: dict[str, Tensor], q_pos: Tensor, slots: Tensor,
+                base: Tensor, want_update: bool):
+        xn = self.norm(x)
+        a, open_kv = self.attn(xn, layer, q_pos, slots, base)
+        m, open_conv, upd = self.titans(xn, layer, slots, want_update)
+        g = torch.sigmoid(self.gate(xn))
+        x = x + self.out(g * a + (1 - g) * m)
+        x = x + self.slow_down(F.silu(self.slow_up(self.slow_norm(x))))
+        x = self.mid(x, layer["mid_up"], layer["mid_down"])
+        x = self.fast(x, layer["fast_up"], layer["fast_down"])
+        return x, open_kv | open_conv, upd
+
+
+# --------------------------------------------------------------------------------------------
+# The language model
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class ChunkMetrics:
+    """Per-row metrics of one chunk commit (each [B]); rows that did not learn hold NaN."""
+
+    surprise: dict[str, Tensor]
+    update_norm: dict[str, Tensor]
+
+
+class HopeLM(nn.Module):
+    def __init__(self, cfg: HopeConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self.blocks = nn.ModuleList(HopeBlock(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model)
+        if not cfg.tie_embeddings:
+            self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        for name, p in self.named_parameters():
+            if name.endswith(("out.weight", "slow_down.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    # ---- state ---------------------------------------------------------------------------
+
+    def init_state(self, batch: int = 1, training: bool = False) -> State:
+        """Fresh sessions: every memory at its meta-learned initial value, nothing absorbed.
+
+        With `training` the memories stay connected to their initial values' parameters, so
+        pre-training meta-learns them; otherwise the state is plain data.
+        """
+        dev = self.embed.weight.device
+        zeros = torch.zeros(batch, dtype=torch.long, device=dev)
+        state = State(
+            layers=[blk.init_layer_state(batch) for blk in self.blocks],
+            n_committed=zeros.clone(),
+            n_open=zeros.clone(),
+            open_tokens=torch.zeros(batch, self.cfg.chunk, dtype=torch.long, device=dev),
+            last_hidden=torch.zeros(batch, self.cfg.d_model, device=dev),
+            updates=torch.zeros(batch, len(LEVELS), dtype=torch.long, device=dev),
+        )
+        return state if training else state.detach()
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        h = self.norm(hidden)
+        w = self.embed.weight if self.cfg.tie_embeddings else self.head.weight
+        return h @ w.to(h.dtype).t()
+
+    # ---- forward inside one chunk --------------------------------------------------------
+
+    def forward_open(self, tokens: Tensor, state: State, want_update: bool = False):
+        """Absorb tokens [B, T] into the open chunk, with no memory change.
+
+        Requires n_open + T <= chunk for every row. Returns (hidden [B, T, d], new state,
+        per-layer Titans update inputs or None). The new state has the tokens' keys, values and
+        conv inputs written into the open slots and n_open advanced; nothing is committed.
+        """
+        T = tokens.shape[1]
+        offs = torch.arange(T, device=tokens.device)
+        slots_open = state.n_open[:, None] + offs  # [B, T] slot inside the open chunk
+        q_pos = state.n_committed[:, None] + slots_open
+        x = self.embed(tokens)
+        new_layers, upds = [], []
+        for blk, layer in zip(self.blocks, state.layers):
+            x, written, upd = blk(x, layer, q_pos, slots_open, state.n_committed, want_update)
+            new_layers.append(layer | written)
+            upds.append(upd)
+        open_tokens = state.open_tokens.scatter(1, slots_open, tokens)
+        new = State(new_layers, state.n_committed, state.n_open + T, open_tokens, x[:, -1],
+                    state.updates)
+        return x, new, (upds if want_update else None)
+
+    # ---- chunk commit ----------------------------------------------------------------------
+
+    def roll(self, state: State) -> State:
+        """Close the open chunk: its slots become committed history; memories unchanged."""
+        C = self.cfg.chunk
+        layers = []
+        for layer in state.layers:
+            new = dict(layer)
+            for key, open_key in (("attn_k", "open_k"), ("attn_v", "open_v"),
+                                  ("conv_tail", "open_conv")):
+                new[key] = torch.cat([layer[key], layer[open_key]], dim=1)[:, C:]
+                new[open_key] = torch.zeros_like(layer[open_key]).detach()
+            layers.append(new)
+        return State(layers, state.n_committed + C, torch.zeros_like(state.n_open),
+                     torch.zeros_like(state.open_tokens), state.last_hidden, state.updates)
+
+    def learn_chunk(self, tokens: Tensor, start: State, learning: Learning,
+                    training: bool = False) -> tuple[Tensor, State, ChunkMetrics]:
+        """Compute one whole chunk from its chunk-start state and commit it, learning.
+
+        tokens [B, chunk]; `start` has n_open == 0. Returns (hidden [B, chunk, d], the state after
+        the commit, metrics). This one function serves chunked prefill, the commit after
+        token-by-token decoding (a re-forward of the chunk) and pre-training. With `training`,
+        the graph is kept so the outer loss backpropagates through the Titans writes (CMS writes
+        are stop-gradient); otherwise the result is detached.
+        """
+        B = tokens.shape[0]
+        nan = torch.full((B,), float("nan"), device=tokens.device)
+        metrics = ChunkMetrics({lvl: nan for lvl in LEVELS}, {lvl: nan for lvl in LEVELS})
+        with torch.enable_grad():
+            if (learning.fast or learning.mid) and not start.layers[0]["fast_up"].requires_grad:
+                start = self._track_cms(start)
+            hidden, after, upds = self.forward_open(tokens, start, want_update=learning.titans)
+            layers = [dict(layer) for layer in after.layers]
+            updates = after.updates.clone()
+            if learning.fast or learning.mid:
+                self._write_cms(tokens, hidden, start, layers, updates, learning, metrics, training)
+            if learning.titans:
+                surprise, rel = [], []
+                for blk, layer, upd in zip(self.blocks, layers, upds):
+                    new, s, r = blk.titans.write(layer, upd)
+                    layer.update(new)
+                    surprise.append(s.detach())
+                    rel.append(r.detach())
+                metrics.surprise["titans"] = torch.stack(surprise).mean(0)
+                metrics.update_norm["titans"] = torch.stack(rel).mean(0)
+                updates[:, 0] += 1
+        after = State(layers, after.n_committed, after.n_open, after.open_tokens,
+                      after.last_hidden, updates)
+        if not training:
+            hidden, after = hidden.detach(), after.detach()
+        return hidden, self.roll(after), metrics
+
+    def _track_cms(self, state: State) -> State:
+        """A shallow copy whose session CMS weights are autograd leaves (serving, evaluation)."""
+        layers = []
+        for layer in state.layers:
+            layer = dict(layer)
+            for key in CMS_WEIGHTS:
+                layer[key] = layer[key].detach().requires_grad_(True)
+            layers.append(layer)
+        return State(layers, state.n_committed, state.n_open, state.open_tokens,
+                     state.last_hidden, state.updates)
+
+    def _write_cms(self, tokens: Tensor, hidden: Tensor, start: State,
+                   layers: list[dict[str, Tensor]], updates: Tensor, learning: Learning,
+                   metrics: ChunkMetrics, training: bool) -> None:
+        """Step the fast level (every chunk) and the mid level (every mid_period tokens)."""
+        cfg = self.cfg
+        B = tokens.shape[0]
+        logits = self.logits(hidden[:, :-1]).float()
+        nll = F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")  # [B, C-1]
+        params = [layer[key] for layer in start.layers for key in CMS_WEIGHTS]
+        grads = torch.autograd.grad(nll.sum(), params, retain_graph=training)
+        grads = {(i, key): g.detach()
+                 for (i, key), g in zip(((i, k) for i in range(len(layers)) for k in CMS_WEIGHTS),
+                                        grads)}
+        closes_mid = (start.n_committed + cfg.chunk) % cfg.mid_period == 0  # [B]
+        for lvl, lr, decay in (("fast", cfg.lr_fast, cfg.decay_fast),
+                               ("mid", cfg.lr_mid, cfg.decay_mid)):
+            if not getattr(learning, lvl):
+                continue
+            keys = [f"{lvl}_up", f"{lvl}_down"]
+            level_grads = [grads[(i, k)] for i in range(len(layers)) for k in keys]
+            sq = sum((g ** 2).sum((1, 2)) for g in level_grads)
+            clip = (cfg.cms_grad_clip / (sq.sqrt() + 1e-6)).clamp(max=1.0).view(B, 1, 1)
+            step_sq = torch.zeros(B, device=tokens.device)
+            weight_sq = torch.zeros(B, device=tokens.device)
+            for i, (blk, layer) in enumerate(zip(self.blocks, layers)):
+                level = getattr(blk, lvl)
+                for key, init in zip(keys, (level.up0, level.down0)):
+                    cur = start.layers[i][key]
+                    g = grads[(i, key)] * clip
+                    if lvl == "mid":  # accumulate; step only when the mid period closes
+                        acc = start.layers[i][f"{key}_grad"] + g
+                        shut = closes_mid.view(B, 1, 1)
+                        layer[f"{key}_grad"] = torch.where(shut, torch.zeros_like(acc), acc)
+                        g = torch.where(shut, acc, torch.zeros_like(acc))
+                        step = lr * g + torch.where(shut, decay * (cur - init), torch.zeros_like(cur))
+                    else:
+                        step = lr * g + decay * (cur - init)
+                    layer[key] = cur - step
+                    step_sq = step_sq + (step.detach() ** 2).sum((1, 2))
+                    weight_sq = weight_sq + (cur.detach() ** 2).sum((1, 2))
+            rel = (step_sq / weight_sq.clamp_min(1e-12)).sqrt()
+            metrics.surprise[lvl] = nll.detach().mean(-1)
+            if lvl == "mid":
+                metrics.update_norm[lvl] = torch.where(closes_mid, rel, torch.full_like(rel, float("nan")))
+                updates[:, 2] += closes_mid.long()
+            else:
+                metrics.update_norm[lvl] = rel
+                updates[:, 1] += 1
+
+    # ---- pre-training ------------------------------------------------------------------------
+
+    def forward(self, inputs: Tensor, targets: Tensor, learning: Learning = Learning()) -> Tensor:
+        """Per-token loss [B, T] of whole sequences from fresh sessions, learning as in serving.
+
+        T must be a multiple of `chunk`. The inner updates run inside the sequence (HOPE.md
+        2.3): gradients flow through the Titans writes into the slow weights and the memories'
+        initial values; the CMS writes are stop-gradient steps.
+        """
+        C = self.cfg.chunk
+        if inputs.shape[1] % C:
+            raise ValueError(f"sequence length {inputs.shape[1]} is not a multiple of chunk {C}")
+        state = self.init_state(inputs.shape[0], training=True)
+        losses = []
+        for c in range(0, inputs.shape[1], C):
+            hidden, state, _ = self.learn_chunk(inputs[:, c:c + C], state, learning, training=True)
+            logits = self.logits(hidden).float()
+            losses.append(F.cross_entropy(logits.transpose(1, 2), targets[:, c:c + C],
+                                          reduction="none"))
+        return torch.cat(losses, dim=1)

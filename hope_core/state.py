@@ -1,0 +1,144 @@
+"""`SessionState`: everything one session's token stream changed, kept apart from the slow weights.
+
+It holds exactly HOPE.md section 3: per layer the Titans memories (weights and momentum) with
+the open chunk's inputs, the fast and mid CMS levels with the mid level's open gradient, the
+attention window (committed keys/values plus the open chunk's) and the convolution's recent
+inputs; and the counters (tokens absorbed, updates per level), a version and the fingerprint of
+the checkpoint that produced it.
+
+Bytes are safetensors: the tensors plus string metadata. Loading validates everything (format,
+fingerprint, names, shapes, dtypes, finiteness, counter ranges) before a tensor is used, and
+never unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from hope_core.model import LEVELS, HopeLM, State
+
+FORMAT = "hope-session-state/1"
+STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class StateError(ValueError):
+    """A state that this checkpoint cannot accept (foreign, corrupted or malformed)."""
+
+
+@dataclass
+class SessionState:
+    """One session (a `State` with a batch of one) with its identity and version."""
+
+    state: State
+    fingerprint: str
+    version: int = 0
+
+    def copy(self) -> SessionState:
+        """A working copy for a transaction (tensors are never modified in place, so shallow)."""
+        return SessionState(self.state, self.fingerprint, self.version)
+
+    # ---- what the server reports ----------------------------------------------------------
+
+    @property
+    def tokens_absorbed(self) -> int:
+        return int(self.state.n_committed[0] + self.state.n_open[0])
+
+    @property
+    def updates(self) -> dict[str, int]:
+        return {lvl: int(n) for lvl, n in zip(LEVELS, self.state.updates[0].tolist())}
+
+    def nbytes(self, dtype: str = "float32") -> int:
+        """Size of the tensors as stored with `dtype` floats (the blob adds a small header)."""
+        width = torch.empty((), dtype=STORAGE_DTYPES[dtype]).element_size()
+        return sum(t.numel() * (width if t.is_floating_point() else t.element_size())
+                   for t in self.state.tensors().values())
+
+    # ---- bytes ----------------------------------------------------------------------------
+
+    def to_bytes(self, dtype: str = "float32") -> bytes:
+        """safetensors bytes; floats stored as `dtype` (bf16 halves the size, not bit-exact)."""
+        if dtype not in STORAGE_DTYPES:
+            raise ValueError(f"storage dtype must be one of {sorted(STORAGE_DTYPES)}")
+        tensors = {}
+        for name, t in self.state.tensors().items():
+            t = t[0].detach()
+            if t.is_floating_point():
+                t = t.to(STORAGE_DTYPES[dtype])
+            tensors[name] = t.cpu().contiguous()
+        meta = {"format": FORMAT, "fingerprint": self.fingerprint, "version": str(self.version),
+                "dtype": dtype}
+        return st_save(tensors, metadata=meta)
+
+    @classmethod
+    def from_bytes(cls, blob: bytes, model: HopeLM, fingerprint: str,
+                   device: torch.device | str = "cpu") -> SessionState:
+        """Parse and validate a state for `model` (whose checkpoint has `fingerprint`)."""
+        try:
+            meta = _read_metadata(blob)
+            tensors = st_load(blob)
+        except (SafetensorError, ValueError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise StateError(f"not a session state: {e}") from None
+        if meta.get("format") != FORMAT:
+            raise StateError(f"unknown state format {meta.get('format')!r}, expected {FORMAT!r}")
+        if meta.get("fingerprint") != fingerprint:
+            raise StateError("state was made by another checkpoint "
+                             f"({meta.get('fingerprint')!r}, this is {fingerprint!r})")
+        dtype = meta.get("dtype")
+        if dtype not in STORAGE_DTYPES:
+            raise StateError(f"unknown storage dtype {dtype!r}")
+        try:
+            version = int(meta.get("version", ""))
+        except ValueError:
+            raise StateError("state version is not an integer") from None
+        expected = {k: v[0] for k, v in model.init_state(1).tensors().items()}
+        missing, extra = expected.keys() - tensors.keys(), tensors.keys() - expected.keys()
+        if missing or extra:
+            raise StateError(f"state tensors do not match this model: missing {sorted(missing)[:5]}, "
+                             f"unexpected {sorted(extra)[:5]}")
+        out = {}
+        for name, ref in expected.items():
+            t = tensors[name]
+            if t.shape != ref.shape:
+                raise StateError(f"{name}: shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
+            want = STORAGE_DTYPES[dtype] if ref.is_floating_point() else ref.dtype
+            if t.dtype != want:
+                raise StateError(f"{name}: dtype {t.dtype}, expected {want}")
+            if t.is_floating_point():
+                t = t.float()
+                if not torch.isfinite(t).all():
+                    raise StateError(f"{name}: not finite")
+            out[name] = t.unsqueeze(0).to(device)
+        state = State.from_tensors(out, model.cfg.n_layers)
+        _check_counters(state, model)
+        return cls(state, fingerprint, version)
+
+
+def _read_metadata(blob: bytes) -> dict[str, str]:
+    if len(blob) < 8:
+        raise ValueError("too short")
+    n = int.from_bytes(blob[:8], "little")
+    if n > len(blob) - 8 or n > 100_000_000:
+        raise ValueError("header length out of range")
+    header = json.loads(blob[8:8 + n])
+    meta = header.get("__metadata__", {}) if isinstance(header, dict) else {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _check_counters(state: State, model: HopeLM) -> None:
+    cfg = model.cfg
+    n_committed, n_open = int(state.n_committed[0]), int(state.n_open[0])
+    if n_committed < 0 or n_committed % cfg.chunk:
+        raise StateError(f"n_committed {n_committed} is not a non-negative multiple of {cfg.chunk}")
+    if not 0 <= n_open < cfg.chunk:
+        raise StateError(f"n_open {n_open} out of range [0, {cfg.chunk})")
+    tok = state.open_tokens
+    if bool((tok < 0).any() or (tok >= cfg.vocab_size).any()):
+        raise StateError("open_tokens out of the vocabulary")
+    if bool((state.updates < 0).any()):
+        raise StateError("negative update counters")

@@ -1,0 +1,293 @@
+"""`hope train`: pre-train the slow weights and the memories' initial values (HOPE.md 2.3).
+
+Every training sequence is a fresh session that learns as it reads, chunk by chunk, exactly as
+in serving; the outer loss backpropagates through the Titans writes. One process on CPU or
+CUDA (bf16 autocast there), or several GPUs with `torchrun --nproc_per_node N -m hope_core.cli
+train ...` (DDP; each rank samples its own batches).
+
+A run directory holds
+    checkpoint/          the servable checkpoint (safetensors weights, config, tokenizer)
+    trainer.safetensors  optimizer state, for --resume
+    progress.json        step, tokens seen, elapsed time, the last losses
+    log.jsonl            one line per logged step: the loss curve
+The learning-rate schedule (linear warm-up, cosine decay) follows whichever of `steps` and
+`max_minutes` is further along, so a run given a time budget still ends at its lowest rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import tomllib
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from hope_core import data
+from hope_core.checkpoint import save_checkpoint
+from hope_core.model import HopeConfig, HopeLM
+from hope_core.tokenizer import DEFAULT_TOKENIZER_PATH, HopeTokenizer
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/default"
+    seq_len: int = 512  # longer than the attention window, or the memories carry nothing
+    batch_size: int = 16  # per process
+    steps: int = 2000
+    max_minutes: float = 0.0  # 0: no time budget
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    seed: int = 1337
+    sources: dict[str, float] = field(default_factory=lambda: {
+        "python_docs": 0.35, "shakespeare": 0.3, "fortunes": 0.15, "synthetic": 0.2})
+    n_synthetic: int = 3000
+    synthetic_distractor_tokens: int = 280
+    eval_every: int = 100
+    eval_batches: int = 2
+    log_every: int = 5
+    device: str = "auto"
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    tokenizer: str = str(DEFAULT_TOKENIZER_PATH)
+    cache_dir: str = str(data.DEFAULT_CACHE_DIR)
+
+
+def load_config(path: str | Path | None) -> tuple[HopeConfig, TrainConfig]:
+    raw = tomllib.loads(Path(path).read_text()) if path else {}
+    tc_known = {f.name for f in fields(TrainConfig)}
+    unknown = set(raw.get("train", {})) - tc_known
+    if unknown:
+        raise ValueError(f"unknown [train] keys: {sorted(unknown)}")
+    return HopeConfig.from_dict(raw.get("model", {})), TrainConfig(**raw.get("train", {}))
+
+
+def lr_at(tc: TrainConfig, step: int, elapsed_s: float) -> float:
+    if step < tc.warmup_steps:
+        return tc.lr * (step + 1) / tc.warmup_steps
+    progress = (step - tc.warmup_steps) / max(tc.steps - tc.warmup_steps, 1)
+    if tc.max_minutes > 0:
+        progress = max(progress, elapsed_s / (tc.max_minutes * 60))
+    cos = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * cos)
+
+
+def build_streams(tc: TrainConfig, tokenizer: HopeTokenizer, split: data.Split) -> data.MixtureStream:
+    cache = Path(tc.cache_dir)
+    streams: dict[str, data.TokenStream] = {}
+    for source in tc.sources:
+        if source == "synthetic":
+            n = tc.n_synthetic if split == "train" else max(50, tc.n_synthetic // 20)
+            docs = data.load_synthetic(split, n, tc.synthetic_distractor_tokens * data.CHARS_PER_TOKEN,
+                                       cache_dir=cache)
+        else:
+            docs = data.load_corpus(split, (source,), cache)
+        streams[source] = data.TokenStream.cached(tokenizer, docs, cache, name=f"{source}-{split}")
+    # an episode must be read from its start, or its fact is cut off
+    return data.MixtureStream(streams, tc.sources, aligned={"synthetic"} & set(tc.sources),
+                              bos_id=tokenizer.bos_id)
+
+
+def save_trainer_state(path: Path, opt: torch.optim.Optimizer, progress: dict) -> None:
+    flat = {}
+    for idx, st in opt.state_dict()["state"].items():
+        for k, v in st.items():
+            flat[f"{idx}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
+    tmp = path / ".trainer.tmp"
+    save_file(flat, str(tmp))
+    os.replace(tmp, path / "trainer.safetensors")
+    (path / ".progress.tmp").write_text(json.dumps(progress, indent=2))
+    os.replace(path / ".progress.tmp", path / "progress.json")
+
+
+def load_trainer_state(path: Path, opt: torch.optim.Optimizer) -> dict:
+    flat = load_file(str(path / "trainer.safetensors"))
+    state: dict[int, dict] = {}
+    for name, v in flat.items():
+        idx, k = name.split(".", 1)
+        state.setdefault(int(idx), {})[k] = v
+    sd = opt.state_dict()
+    sd["state"] = state
+    opt.load_state_dict(sd)
+    return json.loads((path / "progress.json").read_text())
+
+
+class Progress:
+    """One line per logged step: quiet, greppable, and a loss curve in log.jsonl."""
+
+    def __init__(self, tc: TrainConfig, out: Path, start_step: int, start_elapsed: float) -> None:
+        self.tc, self.out = tc, out
+        self.t0 = time.time() - start_elapsed
+        self.window_t, self.window_tokens = time.time(), 0
+        self.start_step = start_step
+
+    @property
+    def elapsed(self) -> float:
+        return time.time() - self.t0
+
+    def log(self, step: int, loss: float, lr: float, tokens: int, extra: dict | None = None) -> None:
+        now = time.time()
+        tps = tokens / max(now - self.window_t, 1e-9)
+        self.window_t, self.window_tokens = now, 0
+        remaining_steps = (self.tc.steps - step) * (tokens / max(tps, 1e-9)) / max(self.tc.log_every, 1)
+        eta = remaining_steps
+        if self.tc.max_minutes > 0:
+            eta = min(eta, self.tc.max_minutes * 60 - self.elapsed)
+        rec = {"step": step, "loss": round(loss, 4), "lr": lr, "tokens_per_s": round(tps, 1),
+               "elapsed_s": round(self.elapsed, 1), "eta_s": round(max(eta, 0), 1)} | (extra or {})
+        with open(self.out / "log.jsonl", "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+        msg = (f"step {step:>5}/{self.tc.steps} | loss {loss:.3f} | lr {lr:.2e} | {tps:,.0f} tok/s"
+               f" | {_hms(self.elapsed)} elapsed | ETA {_hms(max(eta, 0))}")
+        if extra:
+            msg += " | " + " ".join(f"{k} {v:.3f}" for k, v in extra.items())
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _hms(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s // 60 % 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+@torch.no_grad()
+def heldout_loss(model: HopeLM, stream: data.MixtureStream, tc: TrainConfig, device: torch.device,
+                 autocast) -> float:
+    g = torch.Generator().manual_seed(0)  # the same batches every time: a comparable curve
+    total, n = 0.0, 0
+    for _ in range(tc.eval_batches):
+        batch = stream.sample_batch(tc.batch_size, tc.seq_len, g).to(device)
+        with autocast():
+            nll = model(batch[:, :-1], batch[:, 1:])
+        total += float(nll.sum())
+        n += nll.numel()
+    return total / n
+
+
+def train(cfg: HopeConfig, tc: TrainConfig, resume: bool = False) -> Path:
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if tc.device == "auto":
+        tc.device = "cuda" if torch.cuda.is_available() else "cpu"
+    rank = 0
+    if distributed:
+        dist.init_process_group("nccl" if tc.device == "cuda" else "gloo")
+        rank = dist.get_rank()
+        if tc.device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    device = torch.device(tc.device, torch.cuda.current_device()) if tc.device == "cuda" else torch.device(tc.device)
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    torch.manual_seed(tc.seed)
+    out = Path(tc.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = HopeTokenizer.from_file(tc.tokenizer)
+    if tokenizer.vocab_size != cfg.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but vocab_size is {cfg.vocab_size}")
+    train_stream = build_streams(tc, tokenizer, "train")
+    heldout_stream = build_streams(tc, tokenizer, "heldout")
+
+    model = HopeLM(cfg).to(device)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "embed" in n]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=tc.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    step, tokens_seen, elapsed = 0, 0, 0.0
+    if resume and (out / "progress.json").is_file():
+        from safetensors.torch import load_file as _load
+        model.load_state_dict(_load(str(out / "checkpoint" / "model.safetensors")))
+        prog = load_trainer_state(out, opt)
+        step, tokens_seen, elapsed = prog["step"], prog["tokens_seen"], prog["elapsed_s"]
+        if rank == 0:
+            print(f"resumed {out} at step {step} ({tokens_seen:,} tokens)", file=sys.stderr)
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    gen = torch.Generator().manual_seed(tc.seed * 1000 + rank + step)
+    n_params = sum(p.numel() for p in model.parameters())
+    if rank == 0:
+        print(f"training {n_params / 1e6:.2f}M parameters on {device}"
+              f"{' x' + str(dist.get_world_size()) if distributed else ''}; "
+              f"{tc.batch_size}x{tc.seq_len} tokens per step", file=sys.stderr, flush=True)
+    progress = Progress(tc, out, step, elapsed)
+    world = dist.get_world_size() if distributed else 1
+    last_loss, window_tokens = float("nan"), 0
+
+    def save() -> None:
+        if rank != 0:
+            return
+        meta = {"steps": step, "tokens_seen": tokens_seen, "elapsed_s": round(progress.elapsed, 1),
+                "train_config": asdict(tc), "params": n_params, "last_loss": last_loss}
+        save_checkpoint(out / "checkpoint", model, tokenizer, training=meta)
+        save_trainer_state(out, opt, {"step": step, "tokens_seen": tokens_seen,
+                                      "elapsed_s": progress.elapsed, "last_loss": last_loss})
+
+    while step < tc.steps:
+        if tc.max_minutes > 0 and progress.elapsed >= tc.max_minutes * 60:
+            break
+        lr = lr_at(tc, step, progress.elapsed)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        batch = train_stream.sample_batch(tc.batch_size, tc.seq_len, gen).to(device)
+        model.train()
+        with autocast():
+            loss = ddp_model(batch[:, :-1], batch[:, 1:]).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        opt.step()
+        step += 1
+        tokens_seen += tc.batch_size * tc.seq_len * world
+        window_tokens += tc.batch_size * tc.seq_len * world
+        last_loss = float(loss.detach())
+        if step % tc.log_every == 0 or step == tc.steps:
+            extra = None
+            if tc.eval_every and step % tc.eval_every == 0:
+                model.eval()
+                extra = {"heldout_loss": heldout_loss(model, heldout_stream, tc, device, autocast)}
+                save()
+            if rank == 0:
+                progress.log(step, last_loss, lr, window_tokens, extra)
+            window_tokens = 0
+    save()
+    if distributed:
+        dist.destroy_process_group()
+    if rank == 0:
+        print(f"done: {step} steps, {tokens_seen:,} tokens, {_hms(progress.elapsed)}; "
+              f"checkpoint in {out / 'checkpoint'}", file=sys.stderr)
+    return out / "checkpoint"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="hope train", description=__doc__.split("\n")[0])
+    p.add_argument("--config", help="TOML file with [model] and [train] tables")
+    p.add_argument("--out", help="run directory (overrides train.out_dir)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--max-minutes", type=float)
+    p.add_argument("--device")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    a = p.parse_args(argv)
+    cfg, tc = load_config(a.config)
+    if a.out:
+        tc.out_dir = a.out
+    if a.steps:
+        tc.steps = a.steps
+    if a.max_minutes is not None:
+        tc.max_minutes = a.max_minutes
+    if a.device:
+        tc.device = a.device
+    train(cfg, tc, resume=a.resume)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""`create_app(settings)`: the FastAPI application. The lifespan loads the checkpoint and opens
+the store; the routes live in server.routers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from hope_core.checkpoint import load_checkpoint
+from hope_core.engine import Engine
+from server.context import Context
+from server.errors import APIError, install_error_handlers
+from server.metrics import Metrics
+from server.routers import chat, completions, health, models, sessions
+from server.sessions import SessionManager
+from server.settings import Settings
+from server.stores.base import StoreUnavailable, open_store
+
+log = logging.getLogger("hope.server")
+
+
+def load_engine(settings: Settings) -> Engine:
+    device = settings.resolved_device()
+    checkpoint = load_checkpoint(settings.checkpoint, device=device)
+    engine = Engine(checkpoint, device=device)
+    # the first absorb of a process pays one-off costs (allocator, kernels): pay them now, not
+    # in the first user's time to first token
+    engine.absorb(engine.new_session(), [engine.tokenizer.bos_id] * engine.cfg.chunk)
+    return engine
+
+
+def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
+    """The app; `engine` may be given (tests share one), else the lifespan loads the checkpoint."""
+    settings = settings or Settings()
+    ctx = Context(settings=settings, metrics=Metrics())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        eng = engine or await asyncio.to_thread(load_engine, settings)
+        ctx.engine, ctx.model_id, ctx.created = eng, eng.checkpoint.name, int(time.time())
+        ctx.metrics.model_info.info({
+            "name": eng.checkpoint.name, "fingerprint": eng.fingerprint, "path": str(eng.checkpoint.path),
+            "device": str(eng.device), "d_model": str(eng.cfg.d_model), "n_layers": str(eng.cfg.n_layers),
+            "window": str(eng.cfg.window), "state_dtype": settings.state_dtype})
+        ctx.store = open_store(settings.store, ttl_s=settings.session_ttl_s)
+        try:
+            await ctx.store.ping()
+        except StoreUnavailable as e:  # serve anyway: /readyz says so, requests get 503 until it is back
+            log.warning("session store unreachable at start-up", extra={"store": settings.store, "error": str(e)})
+        ctx.sessions = SessionManager(eng, ctx.store, settings, ctx.metrics)
+        if not settings.auth_enabled and not settings.loopback_only:
+            log.warning("no HOPE_API_KEYS set and listening beyond loopback: anyone who can reach "
+                        f"{settings.host}:{settings.port} can read and change every session")
+        state_bytes = eng.new_session().nbytes(settings.state_dtype)
+        log.info("ready", extra={"model": ctx.model_id, "device": str(eng.device), "store": _redact(settings.store),
+                                 "state_bytes": state_bytes, "auth": settings.auth_enabled})
+        try:
+            yield
+        finally:
+            await ctx.sessions.close()
+            await ctx.store.close()
+
+    app = FastAPI(title="HOPE memory server", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible chat and completions on sessions that keep learning.")
+    app.state.ctx = ctx
+
+    def count_failure(request: Request, reason: str) -> None:
+        if request.url.path.startswith("/v1/") and not request.scope.get("hope.body_refused"):
+            ctx.metrics.request_failure.labels(reason).inc()
+
+    install_error_handlers(app, count_failure, settings.overload_retry_after_s)
+    for module in (chat, completions, models, sessions, health):
+        app.include_router(module.router)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, state_limit=settings.max_state_bytes,
+                       on_refuse=lambda: ctx.metrics.request_failure.labels("too_large").inc())
+    return app
+
+
+def _redact(url: str) -> str:
+    """A store URL without its password."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+class BodyLimit:
+    """413 for request bodies over the limit (state imports have their own, larger one), checked
+    on Content-Length up front and counted while reading for chunked bodies."""
+
+    def __init__(self, app: ASGIApp, limit: int, state_limit: int, on_refuse) -> None:
+        self.app, self.limit, self.state_limit, self.on_refuse = app, limit, state_limit, on_refuse
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        is_state = scope["method"] == "PUT" and scope["path"].endswith("/state")
+        limit = self.state_limit if is_state else self.limit
+        error = APIError(413, f"the request body exceeds {limit} bytes", code="body_too_large")
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            self.on_refuse()
+            return await error.response()(scope, receive, send)
+        seen, refused = 0, False
+
+        async def limited() -> Message:
+            nonlocal seen, refused
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    refused = True
+                    scope["hope.body_refused"] = True  # the app's own error answer is not counted
+                    raise error  # stops the app reading; whatever it answers is dropped below
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            if not refused:
+                await send(message)
+
+        try:
+            await self.app(scope, limited, guarded_send)
+        except APIError:
+            if not refused:
+                raise
+        if refused:
+            self.on_refuse()
+            await error.response()(scope, receive, send)

@@ -1,0 +1,85 @@
+"""`hope serve`: run the server under uvicorn. Flags override the `HOPE_*` environment."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+_RESERVED = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and any `extra` fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + "Z",
+               "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
+        out.update({k: v for k, v in record.__dict__.items() if k not in _RESERVED})
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)  # libraries: warnings and errors only
+    logging.getLogger("hope").setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).handlers[:] = []
+        logging.getLogger(name).propagate = True
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="hope serve", description="Serve HOPE with an OpenAI-compatible API. "
+                                "Every flag has a HOPE_* environment variable (e.g. HOPE_PORT); "
+                                "HOPE_API_KEYS='tenant:key,...' turns on authentication.")
+    p.add_argument("--host", help="address to listen on (HOPE_HOST, default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (HOPE_PORT, default 8000)")
+    p.add_argument("--checkpoint", help="checkpoint directory (HOPE_CHECKPOINT, default: the bundled one)")
+    p.add_argument("--store", help="memory://, sqlite:///path or redis://host:port/db "
+                   "(HOPE_STORE, default sqlite in ~/.local/share/hope)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (HOPE_DEVICE, default auto)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="HOPE_LOG_LEVEL, default info")
+    p.add_argument("--busy-policy", choices=["wait", "reject"], help="a request on a busy session waits or "
+                   "gets 409 (HOPE_BUSY_POLICY, default wait)")
+    p.add_argument("--max-concurrent-requests", type=int, help="HOPE_MAX_CONCURRENT_REQUESTS, default 4")
+    p.add_argument("--session-ttl", type=float, dest="session_ttl_s",
+                   help="seconds a session lives without use, 0 forever (HOPE_SESSION_TTL_S)")
+    p.add_argument("--state-dtype", choices=["float32", "bfloat16"], help="HOPE_STATE_DTYPE, default float32")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    overrides = {k: v for k, v in vars(args).items() if v is not None}
+    from pydantic import ValidationError
+
+    from server.settings import Settings
+
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as e:
+        sys.exit(f"hope serve: invalid settings:\n{e}")
+    configure_logging(settings.log_level)
+
+    import uvicorn
+
+    from hope_core.checkpoint import DEFAULT_CHECKPOINT
+    from server.app import create_app
+
+    if settings.checkpoint is None and not (DEFAULT_CHECKPOINT / "model.safetensors").is_file():
+        sys.exit(f"hope serve: the bundled checkpoint is missing ({DEFAULT_CHECKPOINT}); "
+                 "pass --checkpoint DIR or train one with `hope train --config configs/bundled.toml`")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None,
+                log_level="debug" if settings.log_level == "debug" else "warning",
+                access_log=settings.log_level == "debug", timeout_graceful_shutdown=5)
+
+
+if __name__ == "__main__":
+    main()

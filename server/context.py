@@ -1,0 +1,27 @@
+"""What the routes share: settings, engine, store, sessions and metrics of one app."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hope_core.engine import Engine
+from server.metrics import Metrics
+from server.sessions import SessionManager
+from server.settings import Settings
+from server.stores.base import StateStore
+
+
+@dataclass
+class Context:
+    settings: Settings
+    metrics: Metrics
+    engine: Engine | None = None  # set once the lifespan has loaded the checkpoint
+    store: StateStore | None = None
+    sessions: SessionManager | None = None
+    model_id: str = ""
+    created: int = 0  # when the model was loaded (for /v1/models)
+
+    @property
+    def model_ids(self) -> tuple[str, ...]:
+        """Names a request may use: the checkpoint's id, and "hope" for the one model served."""
+        return (self.model_id, "hope")

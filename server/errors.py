@@ -1,0 +1,128 @@
+"""Errors in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, for every status.
+
+Handlers raise `APIError` (or one of the helpers below); the exception handlers installed by
+`install_error_handlers` turn it, FastAPI's validation errors, Starlette's HTTP errors (unknown
+route, wrong method) and anything unexpected into that shape, and count the failure.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.stores.base import StoreUnavailable
+
+log = logging.getLogger("hope.server")
+
+# status -> (OpenAI error type, failure reason for hope_request_failure_total)
+_KINDS: dict[int, tuple[str, str]] = {
+    400: ("invalid_request_error", "invalid_request"),
+    401: ("authentication_error", "unauthorized"),
+    404: ("not_found_error", "not_found"),
+    405: ("invalid_request_error", "invalid_request"),
+    409: ("conflict_error", "session_busy"),
+    413: ("invalid_request_error", "too_large"),
+    422: ("invalid_request_error", "invalid_request"),
+    429: ("rate_limit_error", "overloaded"),
+    500: ("server_error", "internal"),
+    503: ("service_unavailable_error", "store_unavailable"),
+}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None,
+                 type: str | None = None, headers: dict[str, str] | None = None,
+                 reason: str | None = None) -> None:
+        super().__init__(message)
+        kind, default_reason = _KINDS.get(status, ("server_error", "internal"))
+        self.status, self.message, self.code, self.param = status, message, code, param
+        self.type = type or kind
+        self.reason = reason or default_reason  # the label of hope_request_failure_total
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def bad_request(message: str, param: str | None = None, code: str = "invalid_value") -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def not_found(message: str, param: str | None = None, code: str = "not_found") -> APIError:
+    return APIError(404, message, param=param, code=code)
+
+
+def too_large(message: str, param: str | None = None, code: str = "too_large") -> APIError:
+    return APIError(413, message, param=param, code=code)
+
+
+def overloaded(message: str, retry_after: int) -> APIError:
+    return APIError(429, message, code="overloaded", headers={"Retry-After": str(retry_after)})
+
+
+def store_unavailable(retry_after: int) -> APIError:
+    return APIError(503, "the session store is unreachable; try again shortly", code="store_unavailable",
+                    headers={"Retry-After": str(retry_after)})
+
+
+def session_busy(message: str) -> APIError:
+    return APIError(409, message, code="session_busy")
+
+
+def _param_of(loc: tuple[Any, ...]) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or None
+
+
+def install_error_handlers(app: FastAPI, count_failure, retry_after: int) -> None:
+    """`count_failure(request, reason)` is called once for every error answer."""
+
+    @app.exception_handler(StoreUnavailable)
+    async def _store(request: Request, exc: StoreUnavailable) -> JSONResponse:
+        log.warning("session store unreachable", extra={"error": str(exc)})
+        err = store_unavailable(retry_after)
+        count_failure(request, err.reason)
+        return err.response()
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        count_failure(request, exc.reason)
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # OpenAI answers malformed requests with 400 (not FastAPI's 422), naming the parameter
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        param = _param_of(tuple(first.get("loc", ())))
+        message = str(first.get("msg", "invalid request"))
+        if first.get("type") == "json_invalid":
+            message, param = "the body is not valid JSON", None
+        elif param:
+            message = f"{param}: {message}"
+        err = APIError(400, message, param=param, code="invalid_value")
+        count_failure(request, err.reason)
+        return err.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        err = APIError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None,
+                       headers=dict(exc.headers or {}))
+        count_failure(request, err.reason)
+        return err.response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", extra={"path": request.url.path})
+        err = APIError(500, "internal server error", code="internal_error")
+        count_failure(request, err.reason)
+        return err.response()

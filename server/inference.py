@@ -1,0 +1,257 @@
+"""What chat and completions share: request checks, running a turn on the engine, SSE plumbing.
+
+A turn's engine work runs on a worker thread (server.worker): absorb the prompt, generate token
+by token (each token absorbed as it is produced), and for chat close the assistant's turn. The
+async side receives the prompt's log-probabilities and then each `TokenEvent` as it is made,
+streams them, and commits the session only after the last one, if the client is still there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from hope_core.engine import Engine, GenerationResult, TokenEvent, UpdateRecord
+from hope_core.sampling import SamplingParams
+from hope_core.state import SessionState
+from server.context import Context
+from server.errors import APIError, bad_request, not_found, too_large
+from server.schemas import SamplingFields, SessionInfo, Surprise
+from server.sessions import Turn
+from server.stores.base import SESSION_ID_RE
+from server.worker import Emit, Stopped, ThreadStream
+
+log = logging.getLogger("hope.server")
+
+
+# ---- request checks --------------------------------------------------------------------------
+
+def check_model(ctx: Context, model: str) -> str:
+    if model not in ctx.model_ids:
+        raise not_found(f"model {model!r} is not served here; GET /v1/models lists it", param="model",
+                        code="model_not_found")
+    return ctx.model_id
+
+
+def resolve_session_id(body_id: str | None, header_id: str | None, user: str | None) -> str | None:
+    """The session is `session_id` (or the X-Session-Id header), else `user`, else ephemeral."""
+    body_id, header_id, user = body_id or None, header_id or None, user or None
+    if body_id and header_id and body_id != header_id:
+        raise bad_request("session_id and the X-Session-Id header name different sessions", param="session_id")
+    sid, param = (body_id, "session_id") if body_id else (header_id, "X-Session-Id") if header_id else (user, "user")
+    if sid is not None and not SESSION_ID_RE.match(sid):
+        raise bad_request(f"{param} must be 1-128 characters of letters, digits and . _ - @ + "
+                          "(not starting with '.')", param=param, code="invalid_session_id")
+    return sid
+
+
+def sampling_params(ctx: Context, req: SamplingFields, max_tokens: int | None, param: str,
+                    stop_token_ids: Sequence[int]) -> SamplingParams:
+    s = ctx.settings
+    n = s.default_max_tokens if max_tokens is None else max_tokens
+    if n > s.max_tokens_limit:
+        raise bad_request(f"{param} is {n}, the most this server generates is {s.max_tokens_limit}",
+                          param=param, code="max_tokens_too_large")
+    return SamplingParams(max_tokens=n, temperature=1.0 if req.temperature is None else req.temperature,
+                          top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k, seed=req.seed,
+                          stop=list(req.stop or []), stop_token_ids=[] if req.ignore_eos else list(stop_token_ids))
+
+
+def check_prompt_size(ctx: Context, n_tokens: int) -> None:
+    if n_tokens > ctx.settings.max_prompt_tokens:
+        raise too_large(f"the prompt has {n_tokens} new tokens, the limit is {ctx.settings.max_prompt_tokens}",
+                        param="messages", code="prompt_too_long")
+
+
+# ---- the engine side of a turn (runs on a worker thread) -------------------------------------
+
+@dataclass
+class Plan:
+    prompt: list[int]  # tokens to absorb before generating
+    params: SamplingParams
+    learn: bool
+    close_turn: int | None = None  # chat: absorbed after a reply that did not end on a stop token
+
+
+@dataclass
+class PromptAbsorbed:
+    token_ids: list[int]
+    logprobs: list[float]
+
+
+@dataclass
+class Output:
+    prompt_logprobs: list[float]
+    result: GenerationResult | None  # None when max_tokens is 0 (scoring only)
+    updates: list[UpdateRecord] = field(default_factory=list)
+
+
+def produce(engine: Engine, work: SessionState, plan: Plan) -> Callable[[Emit], Output]:
+    """The engine work of a turn, for a worker thread; `emit` hands each result to the request."""
+
+    def run(emit: Emit) -> Output:
+        absorbed = engine.absorb(work, plan.prompt, plan.learn)
+        emit(PromptAbsorbed(plan.prompt, absorbed.logprobs))
+        updates = list(absorbed.updates)
+        result = None
+        if plan.params.max_tokens > 0:
+            generation = engine.generate(work, [], plan.params, plan.learn)
+            try:
+                for event in generation:
+                    emit(event)  # raises Stopped once the client is gone: generation ends here
+            finally:
+                generation.close()
+            result = generation.result
+            updates += result.updates
+            # A reply cut by max_tokens or a stop string is closed with <|end|>, so the stream
+            # reads exactly as if the client re-sent the reply as an assistant message.
+            stop_ids = set(plan.params.stop_token_ids)
+            if plan.close_turn is not None and not (result.token_ids and result.token_ids[-1] in stop_ids):
+                updates += engine.absorb(work, [plan.close_turn], plan.learn).updates
+        return Output(absorbed.logprobs, result, updates)
+
+    return run
+
+
+# ---- the async side --------------------------------------------------------------------------
+
+class TurnRun:
+    """Runs a plan on a turn's working copy; `events()` yields PromptAbsorbed then TokenEvents."""
+
+    def __init__(self, ctx: Context, turn: Turn, plan: Plan, started: float) -> None:
+        assert ctx.sessions is not None and turn.work is not None
+        self.ctx, self.turn, self.plan, self.started = ctx, turn, plan, started
+        self.stream: ThreadStream[Output] = ThreadStream(ctx.sessions.engine_executor,
+                                                         produce(ctx.sessions.engine, turn.work, plan))
+        self.output: Output | None = None
+        self._last_token: float | None = None
+
+    async def events(self) -> AsyncIterator[PromptAbsorbed | TokenEvent]:
+        m = self.ctx.metrics
+        n_tokens = 0
+        async for item in self.stream:
+            if isinstance(item, TokenEvent):
+                if n_tokens >= self.plan.params.max_tokens:
+                    # the engine's final flush of held-back text repeats the last token's id:
+                    # pass it on as text only (token_id -1), so no token is counted twice
+                    yield TokenEvent(-1, item.text, 0.0)
+                    continue
+                n_tokens += 1
+                now = time.perf_counter()
+                if self._last_token is None:
+                    m.ttft.observe(now - self.started)
+                else:
+                    m.itl.observe(now - self._last_token)
+                self._last_token = now
+            yield item
+        if self.stream.stop_event.is_set():  # the client left after the last token: no commit
+            raise Stopped
+        self.output = self.stream.result
+
+    def stop(self) -> None:
+        self.stream.stop()
+
+    async def finish(self, new_digests: Sequence[bytes] = ()) -> SessionInfo:
+        """Commit (when the turn persists) and count the request as a success."""
+        out, turn, m = self.output, self.turn, self.ctx.metrics
+        assert out is not None and turn.work is not None
+        meta = await turn.commit(new_digests)
+        m.prompt_tokens.inc(len(self.plan.prompt))
+        m.generation_tokens.inc(len(out.result.token_ids) if out.result else 0)
+        m.observe_updates(out.updates)
+        m.request_success.labels(self.finish_reason).inc()
+        m.e2e.observe(time.perf_counter() - self.started)
+        if meta is not None:
+            return SessionInfo(id=meta.session_id, version=meta.version, tokens_absorbed=meta.tokens_absorbed,
+                               learned=True)
+        if turn.meta is not None:  # learn=false on a stored session: it stays as it was
+            return SessionInfo(id=turn.session_id, version=turn.meta.version,
+                               tokens_absorbed=turn.meta.tokens_absorbed, learned=False)
+        return SessionInfo(id=turn.session_id, version=None, tokens_absorbed=turn.work.tokens_absorbed,
+                           learned=self.plan.learn)
+
+    @property
+    def finish_reason(self) -> str:
+        out = self.output
+        return out.result.finish_reason if out and out.result else "length"
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+async def collect(request: Request, run: TurnRun) -> list[PromptAbsorbed | TokenEvent]:
+    """Run a non-streaming turn to its end, stopping it if the client disconnects meanwhile."""
+    watcher = asyncio.create_task(_wait_disconnect(request))
+    watcher.add_done_callback(lambda t: t.cancelled() or run.stop())
+    try:
+        return [item async for item in run.events()]
+    finally:
+        watcher.cancel()
+        await run.aclose()
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def surprise_of(tokenizer, token_ids: Sequence[int], logprobs: Sequence[float]) -> Surprise:
+    return Surprise(tokens=[tokenizer.decode([t]) for t in token_ids], loss=[-lp for lp in logprobs])
+
+
+def count_failure(ctx: Context, reason: str) -> None:
+    ctx.metrics.request_failure.labels(reason).inc()
+
+
+# ---- server-sent events ----------------------------------------------------------------------
+
+def sse(data: dict[str, Any] | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def sse_error(err: APIError) -> str:
+    return sse(err.body())
+
+
+class EventStream(StreamingResponse):
+    """SSE whose body generator is cancelled the moment the client disconnects.
+
+    Starlette listens for the disconnect only for ASGI spec < 2.4 servers and otherwise notices
+    it at the next write; a generation must stop at once either way, so this response always
+    listens, and always closes the body generator (running its cleanup) before returning.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterator[str], **kwargs: Any) -> None:
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **kwargs.pop("headers", {})}
+        super().__init__(content, headers=headers, **kwargs)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                async def stream_then_stop() -> None:
+                    try:
+                        await self.stream_response(send)
+                    except OSError:  # the socket closed under us: same as a disconnect
+                        pass
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(stream_then_stop)
+                await self.listen_for_disconnect(receive)
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()  # type: ignore[attr-defined]
+                if self.background is not None:
+                    await self.background()

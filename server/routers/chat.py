@@ -1,0 +1,187 @@
+"""POST /v1/chat/completions: OpenAI's chat API on a session that remembers.
+
+The prompt of a turn is the request's new messages (those not recognised as a re-send of the
+session's history, see server.sessions), each `[role] content [<|end|>]`, then `<|assistant|>`.
+The reply is absorbed as it is generated; a reply that did not end on <|end|> (cut by max_tokens
+or a stop string) gets one appended, so every assistant turn in the stream is closed exactly as
+a re-sent assistant message would be.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Request
+from fastapi.responses import JSONResponse
+from starlette.background import BackgroundTask
+
+from hope_core.engine import TokenEvent
+from server.auth import Ctx, Sessions, Tenant
+from server.context import Context
+from server.errors import APIError
+from server.inference import (
+    EventStream,
+    Plan,
+    PromptAbsorbed,
+    TurnRun,
+    check_model,
+    check_prompt_size,
+    collect,
+    count_failure,
+    resolve_session_id,
+    sampling_params,
+    sse,
+    sse_error,
+    surprise_of,
+)
+from server.schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatRequest,
+    ChoiceLogprobs,
+    ChunkChoice,
+    Delta,
+    TokenLogprob,
+    Usage,
+    dump,
+)
+from server.sessions import message_digest
+from server.worker import Stopped
+
+router = APIRouter(tags=["chat"])
+log = logging.getLogger("hope.server")
+
+
+def _token_logprobs(tokenizer, token_ids: list[int], logprobs: list[float]) -> ChoiceLogprobs:
+    return ChoiceLogprobs(content=[
+        TokenLogprob(token=tokenizer.decode([t]), logprob=lp, bytes=list(tokenizer.token_bytes(t)))
+        for t, lp in zip(token_ids, logprobs, strict=True)])
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletion)
+async def chat_completions(body: ChatRequest, request: Request, ctx: Ctx,
+                           sessions: Sessions, tenant: Tenant,
+                           x_session_id: Annotated[str | None, Header()] = None):
+    started = time.perf_counter()
+    model = check_model(ctx, body.model)
+    session_id = resolve_session_id(body.session_id, x_session_id, body.user)
+    tok = sessions.engine.tokenizer
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    params = sampling_params(ctx, body, max_tokens, "max_tokens", [tok.end_id, tok.eot_id])
+    messages = [(m.template_role(), m.text()) for m in body.messages]
+    digests = [message_digest(role, content) for role, content in messages]
+
+    turn = await sessions.begin(tenant, session_id, learn=body.learn)
+    try:
+        resent = turn.resent_prefix(digests)
+        prompt = [t for role, content in messages[resent:] for t in tok.encode_message(role, content)]
+        prompt.append(tok.role_ids["assistant"])
+        check_prompt_size(ctx, len(prompt))
+        run = TurnRun(ctx, turn, Plan(prompt, params, body.learn, close_turn=tok.end_id), started)
+    except BaseException:
+        await turn.release()
+        raise
+    new_digests = digests[resent:]
+    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+
+    def finish_digests() -> list[bytes]:
+        assert run.output is not None and run.output.result is not None
+        return [*new_digests, message_digest("assistant", run.output.result.text)]
+
+    if body.stream:
+        return EventStream(_stream(ctx, run, body, completion_id, created, model, resent, finish_digests),
+                           background=BackgroundTask(_cleanup, run, turn))
+
+    try:
+        await collect(request, run)
+        info = await run.finish(finish_digests())
+    except Stopped:  # the client disconnected: nothing was committed, and nobody reads this answer
+        raise APIError(499, "the client closed the request", code="client_closed", reason="disconnected") from None
+    finally:
+        await turn.release()
+    info.resent_messages = resent
+    assert run.output is not None and run.output.result is not None
+    result = run.output.result
+    return JSONResponse(dump(ChatCompletion(
+        id=completion_id, created=created, model=model,
+        choices=[ChatChoice(
+            message=AssistantMessage(content=result.text), finish_reason=result.finish_reason,
+            logprobs=_token_logprobs(tok, result.token_ids, result.logprobs) if body.logprobs else None)],
+        usage=Usage(prompt_tokens=len(prompt), completion_tokens=len(result.token_ids),
+                    total_tokens=len(prompt) + len(result.token_ids)),
+        session=info)))
+
+
+async def _cleanup(run: TurnRun, turn) -> None:
+    await run.aclose()
+    await turn.release()
+
+
+async def _stream(ctx: Context, run: TurnRun, body: ChatRequest, completion_id: str, created: int, model: str,
+                  resent: int, finish_digests) -> AsyncIterator[str]:
+    tok = run.turn.manager.engine.tokenizer
+    opts = body.stream_options
+    include_usage = bool(opts and opts.include_usage)
+    include_surprise = bool(opts and opts.include_surprise)
+
+    def chunk(delta: Delta, **extra) -> str:
+        finish = extra.pop("finish_reason", None)
+        logprobs = extra.pop("logprobs", None)
+        c = ChatCompletionChunk(id=completion_id, created=created, model=model,
+                                choices=[ChunkChoice(delta=delta, finish_reason=finish, logprobs=logprobs)],
+                                **extra)
+        return sse(dump(c))
+
+    try:
+        pending: list[TokenEvent] = []  # tokens not yet sent (their text may still be held back)
+        async for item in run.events():
+            if isinstance(item, PromptAbsorbed):
+                surprise = surprise_of(tok, item.token_ids, item.logprobs) if include_surprise else None
+                yield chunk(Delta(role="assistant", content=""), surprise=surprise)
+                continue
+            if item.token_id >= 0:
+                pending.append(item)
+            if not item.text and not include_surprise:
+                continue
+            yield chunk(Delta(content=item.text),
+                        logprobs=_token_logprobs(tok, [e.token_id for e in pending], [e.logprob for e in pending])
+                        if body.logprobs else None,
+                        surprise=surprise_of(tok, [e.token_id for e in pending], [e.logprob for e in pending])
+                        if include_surprise else None)
+            pending = []
+        info = await run.finish(finish_digests())
+        info.resent_messages = resent
+        out = run.output
+        assert out is not None and out.result is not None
+        yield chunk(Delta(), finish_reason=out.result.finish_reason, session=info)
+        if include_usage:
+            n_prompt, n_gen = len(run.plan.prompt), len(out.result.token_ids)
+            usage = ChatCompletionChunk(id=completion_id, created=created, model=model, choices=[],
+                                        usage=Usage(prompt_tokens=n_prompt, completion_tokens=n_gen,
+                                                    total_tokens=n_prompt + n_gen))
+            yield sse(dump(usage))
+        yield sse("[DONE]")
+    except Stopped:  # the client left after the last token: nothing was committed
+        count_failure(ctx, "disconnected")
+    except APIError as e:  # e.g. a version conflict at commit: the stream has already begun
+        count_failure(ctx, e.reason)
+        yield sse_error(e)
+        yield sse("[DONE]")
+    except Exception:
+        log.exception("chat stream failed")
+        count_failure(ctx, "internal")
+        yield sse_error(APIError(500, "internal server error", code="internal_error"))
+        yield sse("[DONE]")
+    except BaseException:  # cancelled: the client disconnected mid-stream; nothing is committed
+        count_failure(ctx, "disconnected")
+        raise
+    finally:
+        await run.aclose()
+        await run.turn.release()

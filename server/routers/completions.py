@@ -1,0 +1,191 @@
+"""POST /v1/completions: raw text appended to the session's stream, OpenAI's legacy API.
+
+The prompt's tokens are absorbed as they are (no chat roles, no history de-duplication): each
+request continues the stream. `max_tokens=0` with `echo` scores the prompt without generating;
+with `logprobs` the answer carries every prompt token's log-probability given everything the
+session absorbed before it (OpenAI's legacy format; `top_logprobs` is null, alternatives are not
+computed). Generation stops at <|endoftext|> unless `ignore_eos`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Request
+from fastapi.responses import JSONResponse
+from starlette.background import BackgroundTask
+
+from hope_core.engine import TokenEvent
+from server.auth import Ctx, Sessions, Tenant
+from server.context import Context
+from server.errors import APIError
+from server.inference import (
+    EventStream,
+    Plan,
+    PromptAbsorbed,
+    TurnRun,
+    check_model,
+    check_prompt_size,
+    collect,
+    count_failure,
+    resolve_session_id,
+    sampling_params,
+    sse,
+    sse_error,
+    surprise_of,
+)
+from server.schemas import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Usage, dump
+from server.worker import Stopped
+
+router = APIRouter(tags=["completions"])
+log = logging.getLogger("hope.server")
+
+
+def legacy_logprobs(tokenizer, token_ids: Sequence[int], logprobs: Sequence[float], offset: int = 0
+                    ) -> CompletionLogprobs:
+    """Per token: its text, log-probability, and where its text starts (after `offset` chars).
+
+    Offsets follow the incremental UTF-8 decoding, so a token that only completes a character
+    begun by the previous one starts where that character does."""
+    decoder = tokenizer.stream_decoder()
+    offsets, emitted = [], 0
+    for t in token_ids:
+        offsets.append(offset + emitted)
+        emitted += len(decoder.push(t))
+    return CompletionLogprobs(tokens=[tokenizer.decode([t]) for t in token_ids], token_logprobs=list(logprobs),
+                              top_logprobs=None, text_offset=offsets)
+
+
+def _merge(a: CompletionLogprobs | None, b: CompletionLogprobs) -> CompletionLogprobs:
+    if a is None:
+        return b
+    return CompletionLogprobs(tokens=a.tokens + b.tokens, token_logprobs=a.token_logprobs + b.token_logprobs,
+                              top_logprobs=None, text_offset=a.text_offset + b.text_offset)
+
+
+@router.post("/v1/completions", response_model=Completion)
+async def completions(body: CompletionRequest, request: Request, ctx: Ctx,
+                      sessions: Sessions, tenant: Tenant,
+                      x_session_id: Annotated[str | None, Header()] = None):
+    started = time.perf_counter()
+    model = check_model(ctx, body.model)
+    session_id = resolve_session_id(body.session_id, x_session_id, body.user)
+    tok = sessions.engine.tokenizer
+    params = sampling_params(ctx, body, body.max_tokens, "max_tokens", [tok.eot_id])
+    prompt_text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
+    prompt = tok.encode(prompt_text)
+    if not prompt and params.max_tokens == 0:
+        raise APIError(400, "nothing to do: an empty prompt and max_tokens=0", param="prompt", code="invalid_value")
+    check_prompt_size(ctx, len(prompt))
+
+    turn = await sessions.begin(tenant, session_id, learn=body.learn)
+    try:
+        run = TurnRun(ctx, turn, Plan(prompt, params, body.learn), started)
+    except BaseException:
+        await turn.release()
+        raise
+    completion_id = f"cmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+
+    if body.stream:
+        return EventStream(_stream(ctx, run, body, prompt_text, completion_id, created, model),
+                           background=BackgroundTask(_cleanup, run, turn))
+
+    try:
+        await collect(request, run)
+        info = await run.finish()
+    except Stopped:  # the client disconnected: nothing was committed, and nobody reads this answer
+        raise APIError(499, "the client closed the request", code="client_closed", reason="disconnected") from None
+    finally:
+        await turn.release()
+    out = run.output
+    assert out is not None
+    gen_ids = out.result.token_ids if out.result else []
+    gen_text = out.result.text if out.result else ""
+    logprobs = None
+    if body.logprobs is not None:
+        if body.echo:
+            logprobs = legacy_logprobs(tok, prompt, out.prompt_logprobs)
+        gen_part = legacy_logprobs(tok, gen_ids, out.result.logprobs if out.result else [],
+                                   offset=len(prompt_text) if body.echo else 0)
+        logprobs = _merge(logprobs, gen_part)
+    text = (prompt_text if body.echo else "") + gen_text
+    return JSONResponse(dump(Completion(id=completion_id, created=created, model=model,
+                      choices=[CompletionChoice(text=text, logprobs=logprobs, finish_reason=run.finish_reason)],
+                      usage=Usage(prompt_tokens=len(prompt), completion_tokens=len(gen_ids),
+                                  total_tokens=len(prompt) + len(gen_ids)),
+                      session=info)))
+
+
+async def _cleanup(run: TurnRun, turn) -> None:
+    await run.aclose()
+    await turn.release()
+
+
+async def _stream(ctx: Context, run: TurnRun, body: CompletionRequest, prompt_text: str, completion_id: str,
+                  created: int, model: str) -> AsyncIterator[str]:
+    tok = run.turn.manager.engine.tokenizer
+    opts = body.stream_options
+    include_surprise = bool(opts and opts.include_surprise)
+
+    def chunk(text: str, **extra) -> str:
+        finish = extra.pop("finish_reason", None)
+        logprobs = extra.pop("logprobs", None)
+        c = Completion(id=completion_id, created=created, model=model,
+                       choices=[CompletionChoice(text=text, logprobs=logprobs, finish_reason=finish)], **extra)
+        return sse(dump(c))
+
+    try:
+        pending: list[TokenEvent] = []
+        offset = 0  # characters of text sent so far (for text_offset)
+        async for item in run.events():
+            if isinstance(item, PromptAbsorbed):
+                if body.echo or include_surprise:
+                    text = prompt_text if body.echo else ""
+                    logprobs = (legacy_logprobs(tok, item.token_ids, item.logprobs)
+                                if body.echo and body.logprobs is not None else None)
+                    surprise = surprise_of(tok, item.token_ids, item.logprobs) if include_surprise else None
+                    yield chunk(text, logprobs=logprobs, surprise=surprise)
+                    offset += len(text)
+                continue
+            if item.token_id >= 0:
+                pending.append(item)
+            if not item.text and not include_surprise:
+                continue
+            ids, lps = [e.token_id for e in pending], [e.logprob for e in pending]
+            yield chunk(item.text,
+                        logprobs=legacy_logprobs(tok, ids, lps, offset) if body.logprobs is not None else None,
+                        surprise=surprise_of(tok, ids, lps) if include_surprise else None)
+            offset += len(item.text)
+            pending = []
+        info = await run.finish()
+        yield chunk("", finish_reason=run.finish_reason, session=info)
+        if opts and opts.include_usage:
+            out = run.output
+            assert out is not None
+            n_prompt, n_gen = len(run.plan.prompt), len(out.result.token_ids) if out.result else 0
+            yield sse(dump(Completion(id=completion_id, created=created, model=model, choices=[],
+                                      usage=Usage(prompt_tokens=n_prompt, completion_tokens=n_gen,
+                                                  total_tokens=n_prompt + n_gen))))
+        yield sse("[DONE]")
+    except Stopped:
+        count_failure(ctx, "disconnected")
+    except APIError as e:
+        count_failure(ctx, e.reason)
+        yield sse_error(e)
+        yield sse("[DONE]")
+    except Exception:
+        log.exception("completion stream failed")
+        count_failure(ctx, "internal")
+        yield sse_error(APIError(500, "internal server error", code="internal_error"))
+        yield sse("[DONE]")
+    except BaseException:  # cancelled: the client disconnected mid-stream; nothing is committed
+        count_failure(ctx, "disconnected")
+        raise
+    finally:
+        await run.aclose()
+        await run.turn.release()

@@ -1,0 +1,41 @@
+"""Probes and metrics: /healthz (alive), /readyz (model loaded and store reachable), /metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from server.auth import Ctx
+from server.schemas import Health
+from server.stores.base import StoreUnavailable
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_model=Health)
+async def healthz() -> Health:
+    return Health(status="ok")
+
+
+@router.get("/readyz", response_model=Health)
+async def readyz(ctx: Ctx):
+    problems = {}
+    if ctx.engine is None:
+        problems["model"] = "not loaded"
+    if ctx.store is None:
+        problems["store"] = "not open"
+    else:
+        try:
+            await ctx.store.ping()
+        except StoreUnavailable as e:
+            problems["store"] = str(e)
+    if problems:
+        body = Health(status="unavailable", detail=problems).model_dump()
+        return JSONResponse(body, status_code=503, headers={"Retry-After": str(ctx.settings.overload_retry_after_s)})
+    return Health(status="ready")
+
+
+@router.get("/metrics")
+async def metrics(ctx: Ctx) -> Response:
+    return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)

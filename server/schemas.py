@@ -1,0 +1,288 @@
+"""Request and response bodies: OpenAI's schemas, plus HOPE's extensions.
+
+Extensions (all optional, ignored by OpenAI clients): requests take `session_id`, `learn`,
+`top_k` and `ignore_eos`; `stream_options.include_surprise` adds each token's loss to the
+stream; responses carry a `session` object (id, version, tokens absorbed, messages recognised as
+re-sent). Unknown OpenAI parameters (penalties, tools, ...) are accepted and ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+from server.stores.base import SESSION_ID_RE
+
+SessionId = Annotated[str, StringConstraints(pattern=SESSION_ID_RE.pattern)]
+
+MAX_STOP_SEQUENCES = 4
+
+
+def _only_one_choice(n: int) -> int:
+    if n != 1:
+        raise ValueError("only n=1 is supported (a session is one stream)")
+    return n
+
+
+def _stop_list(v: str | list[str] | None) -> list[str]:
+    stops = [v] if isinstance(v, str) else list(v or [])
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
+    return [s for s in stops if s]
+
+
+# ---- requests --------------------------------------------------------------------------------
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+    include_surprise: bool = False  # HOPE: each chunk carries the loss (-logprob) of its tokens
+
+
+class SamplingFields(BaseModel):
+    """Parameters shared by /v1/chat/completions and /v1/completions."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int = Field(0, ge=0)  # HOPE/vLLM extension; 0: no limit
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = 1
+    user: str | None = None
+    session_id: str | None = None  # HOPE: the session (else the header X-Session-Id, else `user`)
+    learn: bool = True  # HOPE: false: the session is read, used and left unchanged
+    ignore_eos: bool = False  # HOPE/vLLM extension: do not stop at end-of-turn/end-of-text tokens
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, v: int) -> int:
+        return _only_one_choice(v)
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> list[str]:
+        return _stop_list(v)
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+    def template_role(self) -> str:
+        return "system" if self.role == "developer" else self.role  # OpenAI's newer name for system
+
+
+class ChatRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=0)  # alternatives are not computed
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str]
+    max_tokens: int | None = Field(16, ge=0)  # OpenAI's default; 0 with echo scores the prompt
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=5)  # the sampled token's only: top_logprobs is null
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v: str | list[str]) -> str:
+        if isinstance(v, list):
+            if len(v) != 1:
+                raise ValueError("exactly one prompt per request (a session is one stream)")
+            return v[0]
+        return v
+
+
+class ForkRequest(BaseModel):
+    new_id: SessionId
+
+
+# ---- responses -------------------------------------------------------------------------------
+
+class Usage(BaseModel):
+    prompt_tokens: int  # tokens absorbed from the prompt (re-sent history is not absorbed again)
+    completion_tokens: int
+    total_tokens: int
+
+
+class SessionInfo(BaseModel):
+    """HOPE: where the session stands after the request (version None: not stored)."""
+
+    id: str | None
+    version: int | None
+    tokens_absorbed: int
+    resent_messages: int = 0  # leading request messages recognised as already absorbed
+    learned: bool = True
+
+
+class Surprise(BaseModel):
+    """HOPE (stream_options.include_surprise): per token, its text and loss = -log p."""
+
+    tokens: list[str]
+    loss: list[float]
+
+
+class TokenLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[Any] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: ChoiceLogprobs | None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    session: SessionInfo | None = None
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: Delta
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: ChoiceLogprobs | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+    session: SessionInfo | None = None
+    surprise: Surprise | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy format; top_logprobs is null (alternatives are not computed)."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float]] | None = None
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    session: SessionInfo | None = None
+    surprise: Surprise | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "hope"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class SessionObject(BaseModel):
+    id: str
+    object: Literal["session"] = "session"
+    version: int
+    tokens_absorbed: int
+    updates: dict[str, int]
+    state_bytes: int
+    created: int
+    updated: int
+    checkpoint: str  # fingerprint of the checkpoint whose state this is
+    messages_logged: int  # chat messages absorbed (what history de-duplication knows of)
+
+
+class SessionList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[SessionObject]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+class SessionDeleted(BaseModel):
+    id: str
+    object: Literal["session.deleted"] = "session.deleted"
+    deleted: bool = True
+
+
+class Health(BaseModel):
+    status: str
+    detail: dict[str, str] = Field(default_factory=dict)
+
+
+# sent as null rather than left out: OpenAI's own, and the session's id/version when it has none
+KEEP_NULL = frozenset({"finish_reason", "logprobs", "top_logprobs", "id", "version"})
+
+
+def dump(model: BaseModel) -> dict[str, Any]:
+    """JSON-ready dict without null fields (our extensions, `role` in later deltas), except the
+    ones OpenAI always sends."""
+    return _drop_nulls(model.model_dump(mode="json"))
+
+
+def _drop_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_nulls(v) for k, v in value.items() if v is not None or k in KEEP_NULL}
+    if isinstance(value, list):
+        return [_drop_nulls(v) for v in value]
+    return value

@@ -1,0 +1,477 @@
+"""The transaction around every request, and what the server keeps per session.
+
+A session is one endless token stream (HOPE.md section 3). A request that learns is a
+transaction on it:
+
+1. Lock. First an in-process FIFO lock per session (waiters in this replica queue without
+   polling), then the store's lock, whose token is a fencing token (replicas sharing one store
+   exclude each other, and a holder whose lease ran out can no longer commit). A busy session
+   makes a request wait up to `busy_timeout_s` or, with `busy_policy=reject`, answers 409.
+2. Take an engine slot (at most `max_concurrent_requests` run; `max_waiting_requests` may queue
+   for a slot or a session, beyond that: 429).
+3. Load: metadata and message history, and the state blob unless the decoded state of exactly
+   this version (and incarnation) is still in the in-process cache.
+4. Work on a copy (`SessionState.copy()`; the engine never modifies tensors in place).
+5. Commit: compare-and-set on the version, checked together with the fencing token. Only a
+   request that completed commits; one whose client went away, or that failed, commits nothing.
+6. Release lock and slot (always, also on cancellation).
+
+A request with `learn=false` reads a snapshot without locking and commits nothing; an ephemeral
+request (no session id) starts from a fresh state and is never stored.
+
+Chat history deduplication. OpenAI clients re-send the whole conversation every turn; a session
+must absorb each message once. The store keeps, per session, digests of the chat messages
+absorbed so far (the generated replies included, as the client will send them back). A request's
+messages m[0..n) are matched against that history: the largest k such that m[:k] equals the
+last k messages of the history is taken as re-sent, and only m[k:] is absorbed. A client that
+sends only its new message has k = 0 and simply continues the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import anyio
+
+from hope_core.engine import Engine
+from hope_core.state import SessionState, StateError
+from server.errors import APIError, not_found, overloaded, session_busy, store_unavailable, too_large
+from server.metrics import Metrics
+from server.settings import Settings
+from server.stores.base import DIGEST_BYTES, Page, SessionMeta, SessionRecord, StateStore, StoreUnavailable
+from server.worker import run_blocking
+
+log = logging.getLogger("hope.server")
+
+
+# ---- chat history ------------------------------------------------------------------------------
+
+def message_digest(role: str, content: str) -> bytes:
+    """8 bytes naming one chat message; a collision needs ~2^32 messages in one session.
+
+    Surrounding whitespace is ignored: some clients trim the replies they send back, and one
+    unrecognised message would make the whole re-sent history look new."""
+    data = role.encode() + b"\0" + content.strip().encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(data, digest_size=DIGEST_BYTES).digest()
+
+
+def split_digests(blob: bytes) -> list[bytes]:
+    return [blob[i:i + DIGEST_BYTES] for i in range(0, len(blob) - DIGEST_BYTES + 1, DIGEST_BYTES)]
+
+
+def resent_prefix(request: Sequence[bytes], history: Sequence[bytes], truncated: bool = False) -> int:
+    """How many leading messages of a request the session has already absorbed: the largest k
+    with request[:k] == history[-k:].
+
+    `truncated`: the history keeps only its last len(history) messages. A request whose first k
+    messages end with all of them (k > len(history)) is then also taken as re-sent, since a
+    conversation longer than the kept history can only match that way.
+    """
+    n = len(history)
+    if not n or not request:
+        return 0
+    last = history[-1]
+    # a candidate k must end on the history's last message: only those are compared in full
+    for k in range(len(request), 0, -1):
+        if request[k - 1] != last:
+            continue
+        if k <= n and list(request[:k]) == list(history[n - k:]):
+            return k
+        if k > n and truncated and list(request[k - n:k]) == list(history):
+            return k
+    return 0
+
+
+# ---- in-process state cache --------------------------------------------------------------------
+
+@dataclass
+class _Cached:
+    uid: str
+    version: int
+    state: SessionState
+
+
+class StateCache:
+    """Decoded states of recently used sessions, so a session's next request skips reading and
+    decoding the blob. An entry is used only when the store still holds exactly its incarnation
+    (uid) and version, so replicas sharing a store never see a stale state."""
+
+    def __init__(self, size: int, metrics: Metrics) -> None:
+        self.size, self.metrics = size, metrics
+        self._items: OrderedDict[tuple[str, str], _Cached] = OrderedDict()
+
+    def get(self, key: tuple[str, str]) -> _Cached | None:
+        item = self._items.get(key)
+        if item is not None:
+            self._items.move_to_end(key)
+        return item
+
+    def put(self, key: tuple[str, str], uid: str, version: int, state: SessionState) -> None:
+        if self.size <= 0:
+            return
+        self._items[key] = _Cached(uid, version, state)
+        self._items.move_to_end(key)
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+        self.metrics.sessions_cached.set(len(self._items))
+
+    def drop(self, key: tuple[str, str]) -> None:
+        self._items.pop(key, None)
+        self.metrics.sessions_cached.set(len(self._items))
+
+
+# ---- admission: engine slots and the waiting queue ---------------------------------------------
+
+class Admission:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.max_waiting = settings.max_waiting_requests
+        self.retry_after = settings.overload_retry_after_s
+        self.metrics = metrics
+        self.waiting = 0
+        self.running = 0
+        self._slots = asyncio.Semaphore(settings.max_concurrent_requests)
+
+    @contextmanager
+    def queued(self):
+        """Count a request as waiting; refuse it (429) when the queue is full."""
+        if self.waiting >= self.max_waiting:
+            raise overloaded("too many requests are waiting; try again shortly", self.retry_after)
+        self.waiting += 1
+        self.metrics.waiting.inc()
+        try:
+            yield
+        finally:
+            self.waiting -= 1
+            self.metrics.waiting.dec()
+
+    async def acquire(self) -> None:
+        if self._slots.locked():
+            with self.queued():
+                await self._slots.acquire()
+        else:
+            await self._slots.acquire()
+        self.running += 1
+        self.metrics.running.inc()
+
+    def release(self) -> None:
+        self._slots.release()
+        self.running -= 1
+        self.metrics.running.dec()
+
+
+class _LocalLocks:
+    """One asyncio.Lock per session in use, dropped when nobody holds or awaits it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
+
+    def ref(self, key: tuple[str, str]) -> asyncio.Lock:
+        lock, n = self._locks.get(key, (None, 0))
+        lock = lock or asyncio.Lock()
+        self._locks[key] = (lock, n + 1)
+        return lock
+
+    def release(self, key: tuple[str, str]) -> None:
+        self._locks[key][0].release()
+        self.unref(key)
+
+    def unref(self, key: tuple[str, str]) -> None:
+        lock, n = self._locks[key]
+        if n <= 1:
+            del self._locks[key]
+        else:
+            self._locks[key] = (lock, n - 1)
+
+
+# ---- one request's hold on a session -----------------------------------------------------------
+
+@dataclass
+class Turn:
+    """What a request works with: the committed state, a working copy, and the means to commit.
+
+    `persist` is False for ephemeral sessions and for `learn=false`: `commit` then stores nothing.
+    """
+
+    manager: SessionManager
+    tenant: str
+    session_id: str | None
+    persist: bool
+    base: SessionState | None  # the committed state (None: not loaded, for a state import)
+    meta: SessionMeta | None  # None: the session is not stored yet
+    history: list[bytes] = field(default_factory=list)
+    lock_token: str | None = None
+    work: SessionState | None = field(init=False, default=None)  # what the engine advances
+    _uid: str = field(default_factory=lambda: uuid.uuid4().hex)
+    _local_key: tuple[str, str] | None = None
+    _slot: bool = False
+    _refresher: asyncio.Task | None = None
+    _released: bool = False
+
+    def __post_init__(self) -> None:
+        self.work = self.base.copy() if self.base is not None else None
+        if self.meta is not None:
+            self._uid = self.meta.uid
+
+    @property
+    def version(self) -> int:
+        return self.meta.version if self.meta else 0
+
+    @property
+    def history_truncated(self) -> bool:
+        return self.meta is not None and self.meta.history_total > len(self.history)
+
+    def resent_prefix(self, digests: Sequence[bytes]) -> int:
+        return resent_prefix(digests, self.history, self.history_truncated)
+
+    async def commit(self, new_digests: Sequence[bytes] = (), reset_history: bool = False) -> SessionMeta | None:
+        """Store the working copy as the next version, if nobody changed the session meanwhile
+        (409 otherwise). Once begun, a commit is not interrupted by cancellation."""
+        if not self.persist:
+            return None
+        m = self.manager
+        with anyio.CancelScope(shield=True):
+            t0 = time.perf_counter()
+            work = self.work
+            work.version = self.version + 1
+            blob = await run_blocking(m.io_executor, work.to_bytes, m.settings.state_dtype)
+            if len(blob) > m.settings.max_state_bytes:
+                raise too_large(f"the session state ({len(blob)} bytes) exceeds the limit "
+                                f"({m.settings.max_state_bytes} bytes)", code="state_too_large")
+            kept = [] if reset_history else self.history
+            history = ([*kept, *new_digests])[-m.settings.history_max_messages:]
+            total = (0 if reset_history or self.meta is None else self.meta.history_total) + len(new_digests)
+            now = time.time()
+            meta = SessionMeta(tenant=self.tenant, session_id=self.session_id or "", uid=self._uid,
+                               version=work.version, created=self.meta.created if self.meta else now,
+                               updated=now, tokens_absorbed=work.tokens_absorbed, updates=work.updates,
+                               state_bytes=len(blob), checkpoint=work.fingerprint,
+                               dtype=m.settings.state_dtype, history_total=total)
+            record = SessionRecord(meta, b"".join(history), blob)
+            try:
+                ok = await m.store.commit(record, self.version, self.lock_token)
+            except StoreUnavailable:
+                raise store_unavailable(m.settings.overload_retry_after_s) from None
+            if not ok:
+                m.metrics.version_conflicts.inc()
+                raise APIError(409, "the session changed while this request ran; nothing was stored",
+                               code="session_conflict", reason="version_conflict")
+            m.metrics.state_store.observe(time.perf_counter() - t0)
+            m.metrics.state_bytes.observe(len(blob))
+            m.cache.put((self.tenant, meta.session_id), meta.uid, meta.version, work)
+            return meta
+
+    async def _keep_lock(self) -> None:
+        """Renew the lock's lease while the request runs; a lost lock makes the commit fail."""
+        m = self.manager
+        assert self.session_id and self.lock_token
+        while True:
+            await asyncio.sleep(m.settings.lock_ttl_s / 3)
+            try:
+                if not await m.store.refresh_lock(self.tenant, self.session_id, self.lock_token,
+                                                  m.settings.lock_ttl_s):
+                    log.warning("session lock lost", extra={"session": self.session_id})
+                    return
+            except StoreUnavailable:
+                continue
+
+    async def release(self) -> None:
+        """Give back the slot and the locks. Idempotent; runs to the end even when cancelled."""
+        if self._released:
+            return
+        self._released = True
+        m = self.manager
+        with anyio.CancelScope(shield=True):
+            if self._refresher is not None:
+                self._refresher.cancel()
+            if self._slot:
+                m.admission.release()
+            if self.lock_token is not None and self.session_id:
+                try:
+                    await m.store.release_lock(self.tenant, self.session_id, self.lock_token)
+                except Exception:  # the lease expires by itself
+                    log.warning("could not release a session lock", exc_info=True)
+            if self._local_key is not None:
+                m.local_locks.release(self._local_key)
+
+
+# ---- the manager -------------------------------------------------------------------------------
+
+class SessionManager:
+    def __init__(self, engine: Engine, store: StateStore, settings: Settings, metrics: Metrics) -> None:
+        self.engine, self.store, self.settings, self.metrics = engine, store, settings, metrics
+        self.cache = StateCache(settings.session_cache_size, metrics)
+        self.admission = Admission(settings, metrics)
+        self.engine_executor: Executor = ThreadPoolExecutor(settings.max_concurrent_requests,
+                                                            thread_name_prefix="hope-engine")
+        # encoding/decoding states: short, and must not queue behind long generations
+        self.io_executor: Executor = ThreadPoolExecutor(4, thread_name_prefix="hope-io")
+        self.local_locks = _LocalLocks()
+
+    async def close(self) -> None:
+        self.engine_executor.shutdown(wait=False, cancel_futures=True)
+        self.io_executor.shutdown(wait=False, cancel_futures=True)
+
+    # ---- turns -------------------------------------------------------------------------------
+
+    async def begin(self, tenant: str, session_id: str | None, *, learn: bool = True,
+                    with_state: bool = True, engine_slot: bool = True) -> Turn:
+        """Open a turn on a session (None: ephemeral). Raises 409/429/503 before anything runs."""
+        if session_id is None:
+            turn = Turn(self, tenant, None, persist=False, base=self.engine.new_session(), meta=None)
+            return await self._with_slot(turn, engine_slot)
+        if not learn:  # a read-only snapshot: no lock, nothing committed
+            meta, history, base = await self._load(tenant, session_id, with_state)
+            turn = Turn(self, tenant, session_id, persist=False, base=base, meta=meta, history=history)
+            return await self._with_slot(turn, engine_slot)
+
+        turn = Turn(self, tenant, session_id, persist=True, base=None, meta=None)
+        try:
+            await self._lock(turn)
+            if engine_slot:
+                await self.admission.acquire()
+                turn._slot = True
+            turn.meta, turn.history, turn.base = await self._load(tenant, session_id, with_state)
+            turn.work = turn.base.copy() if turn.base is not None else None
+            if turn.meta is not None:
+                turn._uid = turn.meta.uid
+        except BaseException:
+            await turn.release()
+            raise
+        return turn
+
+    async def _with_slot(self, turn: Turn, engine_slot: bool) -> Turn:
+        if engine_slot:
+            await self.admission.acquire()
+            turn._slot = True
+        return turn
+
+    async def _lock(self, turn: Turn) -> None:
+        s, key = self.settings, (turn.tenant, turn.session_id or "")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + s.busy_timeout_s
+        busy = f"session {turn.session_id!r} is busy with another request"
+        local = self.local_locks.ref(key)
+        try:
+            if local.locked():
+                if s.busy_policy == "reject":
+                    raise session_busy(busy)
+                with self.admission.queued(), anyio.fail_after(max(deadline - loop.time(), 0)):
+                    await local.acquire()
+            else:
+                await local.acquire()
+        except TimeoutError:
+            self.local_locks.unref(key)
+            raise session_busy(busy + f" (waited {s.busy_timeout_s:g} s)") from None
+        except BaseException:
+            self.local_locks.unref(key)
+            raise
+        turn._local_key = key  # from here on, release() gives the local lock back
+
+        token = await self.store.acquire_lock(turn.tenant, key[1], s.lock_ttl_s)
+        if token is None:  # another replica holds it: poll with backoff
+            if s.busy_policy == "reject":
+                raise session_busy(busy)
+            delay = 0.005
+            with self.admission.queued():
+                while token is None:
+                    left = deadline - loop.time()
+                    if left <= 0:
+                        raise session_busy(busy + f" (waited {s.busy_timeout_s:g} s)")
+                    await asyncio.sleep(min(delay, left))
+                    delay = min(delay * 2, 0.1)
+                    token = await self.store.acquire_lock(turn.tenant, key[1], s.lock_ttl_s)
+        turn.lock_token = token
+        turn._refresher = asyncio.create_task(turn._keep_lock())
+
+    async def _load(self, tenant: str, session_id: str, with_state: bool = True
+                    ) -> tuple[SessionMeta | None, list[bytes], SessionState | None]:
+        """The stored session (meta, history, decoded state), or a fresh one when there is none."""
+        key = (tenant, session_id)
+        t0 = time.perf_counter()
+        cached = self.cache.get(key) if with_state else None
+        record = await self.store.load(tenant, session_id, with_state=with_state and cached is None)
+        if record is None:
+            self.cache.drop(key)
+            return None, [], self.engine.new_session() if with_state else None
+        history = split_digests(record.history)
+        if not with_state:
+            return record.meta, history, None
+        if cached is not None and (cached.uid, cached.version) == (record.meta.uid, record.meta.version):
+            return record.meta, history, cached.state
+        if record.state is None:  # the cached state was stale: read the blob after all
+            record = await self.store.load(tenant, session_id, with_state=True)
+            if record is None:
+                self.cache.drop(key)
+                return None, [], self.engine.new_session()
+            history = split_digests(record.history)
+        state = await self._decode(record.state or b"", "the stored state of this session")
+        if state.version != record.meta.version:
+            raise APIError(500, "the stored state does not match its metadata", code="state_mismatch")
+        self.metrics.state_load.observe(time.perf_counter() - t0)
+        self.cache.put(key, record.meta.uid, record.meta.version, state)
+        return record.meta, history, state
+
+    async def _decode(self, blob: bytes, what: str) -> SessionState:
+        try:
+            return await run_blocking(self.io_executor, self.engine.load_session, blob)
+        except StateError as e:
+            raise APIError(409, f"{what} cannot be used with this checkpoint: {e}",
+                           code="session_incompatible") from None
+
+    # ---- session resources -------------------------------------------------------------------
+
+    async def get(self, tenant: str, session_id: str) -> SessionMeta:
+        meta = await self.store.get_meta(tenant, session_id)
+        if meta is None:
+            raise not_found(f"no session {session_id!r}", param="session_id")
+        return meta
+
+    async def list(self, tenant: str, after: str | None, limit: int) -> Page:
+        return await self.store.list(tenant, after, limit)
+
+    async def delete(self, tenant: str, session_id: str) -> None:
+        self.cache.drop((tenant, session_id))
+        if not await self.store.delete(tenant, session_id):
+            raise not_found(f"no session {session_id!r}", param="session_id")
+
+    async def export(self, tenant: str, session_id: str) -> SessionRecord:
+        record = await self.store.load(tenant, session_id, with_state=True)
+        if record is None:
+            raise not_found(f"no session {session_id!r}", param="session_id")
+        return record
+
+    async def fork(self, tenant: str, session_id: str, new_id: str) -> SessionMeta:
+        """A new session starting from a consistent snapshot of another (history included)."""
+        record = await self.export(tenant, session_id)
+        copy = record.renamed(tenant, new_id, uuid.uuid4().hex)
+        if not await self.store.create(copy):
+            raise APIError(409, f"session {new_id!r} already exists", param="new_id", code="session_exists")
+        return copy.meta
+
+    async def import_state(self, tenant: str, session_id: str, blob: bytes) -> SessionMeta:
+        """Replace a session's state by an exported one (validated; the message history starts
+        over, since the blob does not say which messages made it)."""
+        if len(blob) > self.settings.max_state_bytes:
+            raise too_large(f"the state ({len(blob)} bytes) exceeds the limit "
+                            f"({self.settings.max_state_bytes} bytes)", code="state_too_large")
+        try:
+            state = await run_blocking(self.io_executor, self.engine.load_session, blob)
+        except StateError as e:
+            raise APIError(400, f"not a valid state for this checkpoint: {e}", code="invalid_state") from None
+        turn = await self.begin(tenant, session_id, with_state=False, engine_slot=False)
+        try:
+            turn.work = state
+            meta = await turn.commit(reset_history=True)
+            assert meta is not None
+            return meta
+        finally:
+            await turn.release()

@@ -1,0 +1,99 @@
+"""Server settings, read from the environment (`HOPE_*`) and overridden by `hope serve` flags."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+TENANT_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+DEFAULT_TENANT = "default"
+
+
+def default_store_url() -> str:
+    """The embedded store: one SQLite file in the user's data directory (XDG), so sessions
+    survive restarts and do not depend on the directory the server was started from."""
+    data = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return f"sqlite:///{data / 'hope' / 'sessions.db'}"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HOPE_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    checkpoint: str | None = None  # a checkpoint directory; None: the bundled one
+    store: str = Field(default_factory=default_store_url)  # memory:// | sqlite:///path | redis://...
+    device: str = "auto"  # auto: CUDA when present, else CPU
+    api_keys: str = ""  # "tenant:key,tenant:key"; empty: no auth, one tenant
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # limits: each over-limit request is refused before it changes anything
+    max_concurrent_requests: int = Field(4, ge=1)  # engine work running at once (429 beyond the queue)
+    max_waiting_requests: int = Field(32, ge=0)  # queued for a slot or a session (429 beyond)
+    max_prompt_tokens: int = Field(8192, ge=1)  # new tokens absorbed by one request (413 beyond)
+    max_tokens_limit: int = Field(4096, ge=1)  # largest max_tokens a request may ask for (400 beyond)
+    default_max_tokens: int = Field(256, ge=0)  # when a request gives none
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)  # JSON bodies (413 beyond)
+    max_state_bytes: int = Field(64 * 1024 * 1024, ge=1024)  # imported/stored state blobs (413 beyond)
+    overload_retry_after_s: int = Field(1, ge=1)  # Retry-After of 429 and 503 answers
+
+    # sessions
+    session_ttl_s: float = Field(30 * 86400, ge=0)  # idle time before a session expires; 0: never
+    busy_policy: Literal["wait", "reject"] = "wait"  # second request on a busy session: queue or 409
+    busy_timeout_s: float = Field(60.0, gt=0)  # how long a queued request waits (then 409)
+    lock_ttl_s: float = Field(30.0, gt=0)  # lease of a session lock; renewed while the request runs
+    state_dtype: Literal["float32", "bfloat16"] = "float32"  # floats in stored states
+    session_cache_size: int = Field(32, ge=0)  # decoded states kept in memory (validated by version)
+    history_max_messages: int = Field(4096, ge=1)  # message digests kept per session for dedup
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_keys(cls, v: str) -> str:
+        parse_api_keys(v)  # raise at start-up, not at the first request
+        return v
+
+    @cached_property
+    def keys(self) -> dict[str, str]:
+        """API key -> tenant."""
+        return parse_api_keys(self.api_keys)
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.keys)
+
+    @property
+    def loopback_only(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch  # only here: settings are read before the model is
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def parse_api_keys(spec: str) -> dict[str, str]:
+    """`acme:k1,globex:k2` -> {"k1": "acme", "k2": "globex"}; a tenant may have several keys."""
+    keys: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        tenant, sep, key = item.partition(":")
+        if not sep or not key or not TENANT_RE.match(tenant):
+            raise ValueError("HOPE_API_KEYS must be 'tenant:key' pairs separated by commas, "
+                             "tenants made of letters, digits, '.', '_' or '-'")
+        if key in keys and keys[key] != tenant:
+            raise ValueError("one API key is given to two tenants")
+        keys[key] = tenant
+    return keys

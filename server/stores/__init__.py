@@ -1,0 +1,12 @@
+"""Session stores: `open_store(url)` picks memory://, sqlite:/// or redis:// (see base.py)."""
+
+from server.stores.base import (
+    Page,
+    SessionMeta,
+    SessionRecord,
+    StateStore,
+    StoreUnavailable,
+    open_store,
+)
+
+__all__ = ["Page", "SessionMeta", "SessionRecord", "StateStore", "StoreUnavailable", "open_store"]

@@ -1,0 +1,229 @@
+"""`redis://host:port/db[?prefix=hope]`: the production store, shared by replicas.
+
+Keys of one session share the hash tag `{tenant:session}`, so they live in one Redis Cluster slot
+and one Lua script can touch them all atomically:
+
+    <prefix>:{tenant:session}:meta    hash: version, counters, sizes, times (listing reads only this)
+    <prefix>:{tenant:session}:state   string: the safetensors blob
+    <prefix>:{tenant:session}:hist    string: digests of the absorbed chat messages
+    <prefix>:{tenant:session}:lock    string: the lock's fencing token, with a lease (PX)
+    <prefix>:{tenant:session}:fence   counter: the last fencing token handed out
+    <prefix>:idx:{tenant}             sorted set of the tenant's session ids, for listing by id
+
+A commit is one Lua script: compare the stored version, check that the caller's token still
+holds the lock, then write meta, state and history and refresh their TTL. The index lives in
+another slot, so it is updated after the commit and cleaned lazily when listing meets a session
+that expired.
+"""
+
+from __future__ import annotations
+
+import secrets
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from redis import exceptions as rex
+
+from server.stores.base import Page, SessionMeta, SessionRecord, StateStore, StoreUnavailable, check_key
+
+_COMMIT = """
+local cur = redis.call('HGET', KEYS[1], 'version')
+if (cur or '0') ~= ARGV[1] then return 0 end
+if ARGV[2] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[2] then return -1 end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+redis.call('SET', KEYS[2], ARGV[4])
+redis.call('SET', KEYS[3], ARGV[5])
+local ttl = tonumber(ARGV[3])
+for i = 1, 3 do
+  if ttl > 0 then redis.call('PEXPIRE', KEYS[i], ttl) else redis.call('PERSIST', KEYS[i]) end
+end
+return 1
+"""
+
+_CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('SET', KEYS[2], ARGV[2])
+redis.call('SET', KEYS[3], ARGV[3])
+local ttl = tonumber(ARGV[1])
+if ttl > 0 then for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ttl) end end
+return 1
+"""
+
+_ACQUIRE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+local fence = redis.call('INCR', KEYS[2])
+if tonumber(ARGV[3]) > 0 then redis.call('PEXPIRE', KEYS[2], ARGV[3]) end
+local token = fence .. '-' .. ARGV[2]
+redis.call('SET', KEYS[1], token, 'PX', ARGV[1])
+return token
+"""
+
+_REFRESH = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# Errors that mean "Redis is not there right now" (503), as opposed to a bug (500).
+_UNAVAILABLE = (rex.ConnectionError, rex.TimeoutError, rex.BusyLoadingError, rex.ReadOnlyError,
+                rex.ClusterDownError, rex.TryAgainError, OSError)
+
+
+def _ms(seconds: float) -> int:
+    return max(int(seconds * 1000), 1) if seconds > 0 else 0
+
+
+class RedisStore(StateStore):
+    def __init__(self, url: str, ttl_s: float = 0.0) -> None:
+        self.url, self.ttl_s = url, ttl_s
+        parts = urlsplit(url)
+        query = dict(parse_qsl(parts.query))
+        self.prefix = query.pop("prefix", "hope")
+        if not self.prefix or any(c in self.prefix for c in "{}"):
+            raise ValueError("the Redis key prefix must be non-empty and contain no braces")
+        clean = urlunsplit(parts._replace(query=urlencode(query)))
+        self._redis = aioredis.from_url(clean, socket_timeout=5, socket_connect_timeout=2,
+                                        health_check_interval=30)
+        self._commit = self._redis.register_script(_COMMIT)
+        self._create = self._redis.register_script(_CREATE)
+        self._acquire = self._redis.register_script(_ACQUIRE)
+        self._refresh = self._redis.register_script(_REFRESH)
+        self._release = self._redis.register_script(_RELEASE)
+
+    # ---- keys -------------------------------------------------------------------------------
+
+    def key(self, tenant: str, session_id: str, part: str) -> str:
+        check_key(tenant, session_id)
+        return f"{self.prefix}:{{{tenant}:{session_id}}}:{part}"
+
+    def _keys(self, tenant: str, session_id: str, *parts: str) -> list[str]:
+        return [self.key(tenant, session_id, p) for p in parts]
+
+    def index_key(self, tenant: str) -> str:
+        return f"{self.prefix}:idx:{{{tenant}}}"
+
+    async def _call(self, coro):
+        try:
+            return await coro
+        except _UNAVAILABLE as e:
+            raise StoreUnavailable(f"redis: {e}") from e
+
+    @staticmethod
+    def _meta(raw: dict) -> SessionMeta | None:
+        if not raw:
+            return None
+        return SessionMeta.from_strings({k.decode(): v.decode() for k, v in raw.items()})
+
+    @staticmethod
+    def _fields(meta: SessionMeta) -> list[str]:
+        return [x for kv in meta.to_strings().items() for x in kv]
+
+    # ---- StateStore -------------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        await self._call(self._redis.ping())
+
+    async def get_meta(self, tenant: str, session_id: str) -> SessionMeta | None:
+        return self._meta(await self._call(self._redis.hgetall(self.key(tenant, session_id, "meta"))))
+
+    async def load(self, tenant: str, session_id: str, with_state: bool = True) -> SessionRecord | None:
+        meta_k, hist_k, state_k = self._keys(tenant, session_id, "meta", "hist", "state")
+
+        async def read():
+            async with self._redis.pipeline(transaction=True) as pipe:  # MULTI/EXEC: one snapshot
+                pipe.hgetall(meta_k).get(hist_k)
+                if with_state:
+                    pipe.get(state_k)
+                return await pipe.execute()
+
+        out = await self._call(read())
+        meta = self._meta(out[0])
+        if meta is None:
+            return None
+        return SessionRecord(meta, out[1] or b"", out[2] if with_state else None)
+
+    async def commit(self, record: SessionRecord, expected_version: int, lock_token: str | None) -> bool:
+        m = record.meta
+        if record.state is None:
+            raise ValueError("a stored session needs its state")
+        keys = self._keys(m.tenant, m.session_id, "meta", "state", "hist", "lock")
+        args = [str(expected_version), lock_token or "", _ms(self.ttl_s), record.state, record.history,
+                *self._fields(m)]
+        ok = await self._call(self._commit(keys=keys, args=args)) == 1
+        if ok:
+            await self._call(self._redis.zadd(self.index_key(m.tenant), {m.session_id: 0}))
+        return ok
+
+    async def create(self, record: SessionRecord) -> bool:
+        m = record.meta
+        if record.state is None:
+            raise ValueError("a stored session needs its state")
+        keys = self._keys(m.tenant, m.session_id, "meta", "state", "hist")
+        args = [_ms(self.ttl_s), record.state, record.history, *self._fields(m)]
+        ok = await self._call(self._create(keys=keys, args=args)) == 1
+        if ok:
+            await self._call(self._redis.zadd(self.index_key(m.tenant), {m.session_id: 0}))
+        return ok
+
+    async def delete(self, tenant: str, session_id: str) -> bool:
+        meta_k, state_k, hist_k, fence_k = self._keys(tenant, session_id, "meta", "state", "hist", "fence")
+
+        async def run():
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.delete(meta_k).delete(state_k, hist_k, fence_k)
+                return await pipe.execute()
+
+        found = (await self._call(run()))[0] == 1
+        await self._call(self._redis.zrem(self.index_key(tenant), session_id))
+        return found
+
+    async def list(self, tenant: str, after: str | None = None, limit: int = 20) -> Page:
+        index = self.index_key(tenant)
+        start = f"({after}" if after else "-"
+        metas: list[SessionMeta] = []
+        while len(metas) <= limit:  # one more than asked: is there a next page?
+            want = limit + 1 - len(metas)
+            ids = await self._call(self._redis.zrangebylex(index, start, "+", start=0, num=want))
+            if not ids:
+                break
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for sid in ids:
+                    pipe.hgetall(self.key(tenant, sid.decode(), "meta"))
+                raws = await self._call(pipe.execute())
+            gone = []
+            for sid, raw in zip(ids, raws, strict=True):
+                meta = self._meta(raw)
+                if meta is None:
+                    gone.append(sid)  # expired: its index entry is all that is left
+                else:
+                    metas.append(meta)
+            if gone:
+                await self._call(self._redis.zrem(index, *gone))
+            start = f"({ids[-1].decode()}"
+            if len(ids) < want:
+                break
+        return Page(metas[:limit], has_more=len(metas) > limit)
+
+    # ---- locks ------------------------------------------------------------------------------
+
+    async def acquire_lock(self, tenant: str, session_id: str, ttl_s: float) -> str | None:
+        keys = self._keys(tenant, session_id, "lock", "fence")
+        fence_ttl = _ms(self.ttl_s + ttl_s) if self.ttl_s else 0
+        token = await self._call(self._acquire(keys=keys, args=[_ms(ttl_s), secrets.token_hex(4), fence_ttl]))
+        return token.decode() if token else None
+
+    async def refresh_lock(self, tenant: str, session_id: str, token: str, ttl_s: float) -> bool:
+        keys = self._keys(tenant, session_id, "lock")
+        return await self._call(self._refresh(keys=keys, args=[token, _ms(ttl_s)])) == 1
+
+    async def release_lock(self, tenant: str, session_id: str, token: str) -> None:
+        await self._call(self._release(keys=self._keys(tenant, session_id, "lock"), args=[token]))
+
+    async def close(self) -> None:
+        await self._redis.aclose()

@@ -1,0 +1,141 @@
+"""Helpers of the server tests: apps in-process, servers as processes, Redis housekeeping."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+
+from hope_core.engine import Engine
+from server.app import create_app
+from server.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+REDIS_URL = "redis://127.0.0.1:6379/15"
+TINY = dict(d_model=64, n_layers=2, n_heads=2, window=32, chunk=16, mid_period=32, mem_hidden=8,
+            slow_hidden=128, mid_hidden=16, fast_hidden=8)
+
+
+# ---- Redis ---------------------------------------------------------------------------------------
+
+def redis_available() -> bool:
+    try:
+        return bool(redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+def delete_prefix(url: str, prefix: str) -> None:
+    client = redis.Redis.from_url(url)
+    keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+# ---- apps in-process -------------------------------------------------------------------------------
+
+@dataclass
+class Api:
+    """An app with its lifespan running, and an httpx client talking to it in-process."""
+
+    app: Any
+    client: httpx.AsyncClient
+    model: str
+
+    async def chat(self, messages: list[dict] | str, session: str | None = None, expect: int = 200,
+                   headers: dict[str, str] | None = None, **body: Any) -> dict:
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        payload = {"model": self.model, "messages": messages, "max_tokens": 8, "temperature": 0, **body}
+        if session is not None:
+            payload["session_id"] = session
+        r = await self.client.post("/v1/chat/completions", json=payload, headers=headers)
+        assert r.status_code == expect, r.text
+        return r.json()
+
+    async def session(self, session_id: str, expect: int = 200, headers: dict[str, str] | None = None) -> dict:
+        r = await self.client.get(f"/v1/sessions/{session_id}", headers=headers)
+        assert r.status_code == expect, r.text
+        return r.json()
+
+    async def metrics(self) -> str:
+        return (await self.client.get("/metrics")).text
+
+
+@asynccontextmanager
+async def running_app(engine: Engine, store: str = "memory://", headers: dict[str, str] | None = None,
+                      **settings: Any) -> AsyncIterator[Api]:
+    app = create_app(Settings(store=store, **settings), engine=engine)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://hope.test", headers=headers,
+                                     timeout=60) as client:
+            yield Api(app, client, app.state.ctx.model_id)
+
+
+# ---- servers as processes ----------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`hope serve` in a process of its own, on a free loopback port."""
+
+    def __init__(self, checkpoint: Path, store: str, log_path: Path, **env: str) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        environ = {**os.environ, "PYTHONPATH": str(ROOT), "HOPE_LOG_LEVEL": "warning", "OMP_NUM_THREADS": "1",
+                   **env}
+        cmd = [sys.executable, "-m", "hope.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+               "--checkpoint", str(checkpoint), "--store", store, "--device", "cpu"]
+        self._log = open(log_path, "ab")
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=environ, stdout=self._log, stderr=subprocess.STDOUT)
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited ({self.proc.returncode}):\n{self.log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.base_url}/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"server not ready after {timeout} s:\n{self.log_path.read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs, only what was committed survives."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+        self._log.close()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+

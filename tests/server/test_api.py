@@ -1,0 +1,281 @@
+"""The API in-process (httpx against the app): sessions that continue, dedup, learn=false,
+ephemeral sessions, completions scoring, session resources and tenant isolation."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from safetensors.torch import load
+
+from hope_core.engine import Engine
+from hope_core.sampling import SamplingParams
+from tests.server.support import running_app
+
+pytestmark = pytest.mark.anyio
+
+
+def stop_ids(engine: Engine) -> list[int]:
+    return [engine.tokenizer.end_id, engine.tokenizer.eot_id]
+
+
+def reference_turns(engine: Engine, user_messages: list[str], max_tokens: int = 8) -> list[str]:
+    """The same conversation straight on the engine, in one process, no store: what the server
+    must reproduce if it really continues the session from its stored state."""
+    tok, session, replies = engine.tokenizer, engine.new_session(), []
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, stop_token_ids=stop_ids(engine))
+    for text in user_messages:
+        generation = engine.generate(session, [*tok.encode_message("user", text), tok.role_ids["assistant"]], params)
+        list(generation)
+        result = generation.result
+        if result.token_ids[-1] not in stop_ids(engine):
+            engine.absorb(session, [tok.end_id])  # the server closes an unfinished turn
+        replies.append(result.text)
+    return replies
+
+
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+async def test_session_continues_across_requests(engine: Engine, tmp_path, store: str) -> None:
+    url = "memory://" if store == "memory" else f"sqlite:///{tmp_path}/s.db"
+    turns = ["Hello, who are you?", "Tell me about the sea.", "And the mountains?"]
+    expected = reference_turns(engine, turns)
+    # a cache of size 0: every request reads and decodes the stored state
+    async with running_app(engine, url, session_cache_size=0) as api:
+        absorbed = 1  # BOS
+        for i, text in enumerate(turns, start=1):
+            out = await api.chat(text, session="conv")
+            assert out["choices"][0]["message"]["content"] == expected[i - 1]
+            usage, finish = out["usage"], out["choices"][0]["finish_reason"]
+            absorbed += usage["prompt_tokens"] + usage["completion_tokens"] + (finish == "length")
+            assert out["session"] == {"id": "conv", "version": i, "tokens_absorbed": absorbed,
+                                      "resent_messages": 0, "learned": True}
+        meta = await api.session("conv")
+        assert meta["version"] == 3 and meta["tokens_absorbed"] == absorbed and meta["messages_logged"] == 6
+        assert meta["checkpoint"] == engine.fingerprint and meta["state_bytes"] > 0
+        assert sum(meta["updates"].values()) > 0
+
+
+async def test_resent_history_equals_new_message_only(engine: Engine) -> None:
+    """An OpenAI-style client (whole history every turn) and one that sends only its new message
+    end in the same state: every message is absorbed once."""
+    async with running_app(engine) as api:
+        history = [{"role": "system", "content": "You are terse."}]
+        for i, text in enumerate(["one", "two", "three"]):
+            history.append({"role": "user", "content": text})
+            full = await api.chat(history, session="resend")
+            assert full["session"]["resent_messages"] == (0 if i == 0 else len(history) - 1)
+            history.append(full["choices"][0]["message"])
+            new_only = [{"role": "system", "content": "You are terse."}] if i == 0 else []
+            short = await api.chat([*new_only, {"role": "user", "content": text}], session="single")
+            assert short["session"]["resent_messages"] == 0
+            assert short["choices"][0]["message"] == full["choices"][0]["message"]
+            assert short["usage"] == full["usage"]
+        a, b = await api.session("resend"), await api.session("single")
+        assert a["tokens_absorbed"] == b["tokens_absorbed"] and a["version"] == b["version"] == 3
+        state_a = load((await api.client.get("/v1/sessions/resend/state")).content)
+        state_b = load((await api.client.get("/v1/sessions/single/state")).content)
+        assert state_a.keys() == state_b.keys()
+        assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+
+
+async def test_learn_false_changes_nothing(engine: Engine) -> None:
+    async with running_app(engine) as api:
+        await api.chat("remember this", session="ro")
+        before = (await api.client.get("/v1/sessions/ro/state")).content
+        out = await api.chat("what did I say?", session="ro", learn=False)
+        assert out["session"]["learned"] is False and out["session"]["version"] == 1
+        assert (await api.client.get("/v1/sessions/ro/state")).content == before
+        assert (await api.session("ro"))["version"] == 1
+        await api.chat("read only", session="never-made", learn=False)  # no session: none is created
+        await api.session("never-made", expect=404)
+
+
+async def test_ephemeral_sessions_are_never_stored(engine: Engine) -> None:
+    async with running_app(engine) as api:
+        out = await api.chat("no session here")
+        assert out["session"]["id"] is None and out["session"]["version"] is None
+        assert out["session"]["tokens_absorbed"] > 1  # it learned within the request
+        assert (await api.client.get("/v1/sessions")).json()["data"] == []
+
+
+async def test_session_named_by_header_or_user(engine: Engine) -> None:
+    async with running_app(engine) as api:
+        await api.chat("hi", headers={"X-Session-Id": "by-header"})
+        await api.chat("hi", user="alice@example.com")
+        await api.chat("hi", session="same", headers={"X-Session-Id": "same"})
+        ids = [s["id"] for s in (await api.client.get("/v1/sessions")).json()["data"]]
+        assert ids == ["alice@example.com", "by-header", "same"]
+        await api.chat("hi", session="a", headers={"X-Session-Id": "b"}, expect=400)
+
+
+async def test_content_parts_and_developer_role(engine: Engine) -> None:
+    async with running_app(engine) as api:
+        parts = [{"role": "developer", "content": "Be brief."},
+                 {"role": "user", "content": [{"type": "text", "text": "hel"}, {"type": "text", "text": "lo"}]}]
+        a = await api.chat(parts, session="parts")
+        b = await api.chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}],
+                           session="plain")
+        assert a["choices"] == b["choices"]
+
+
+async def test_chat_logprobs(engine: Engine) -> None:
+    async with running_app(engine) as api:
+        out = await api.chat("hi", logprobs=True, max_tokens=5)
+        content = out["choices"][0]["logprobs"]["content"]
+        assert len(content) == out["usage"]["completion_tokens"]
+        assert all(c["logprob"] <= 0 and isinstance(c["bytes"], list) for c in content)
+
+
+async def test_streaming_chat_format(engine: Engine) -> None:
+    async with running_app(engine) as api:
+        body = {"model": api.model, "messages": [{"role": "user", "content": "stream please"}], "max_tokens": 12,
+                "temperature": 0, "stream": True, "session_id": "st",
+                "stream_options": {"include_usage": True, "include_surprise": True}}
+        r = await api.client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line[len("data: "):] for line in r.text.split("\n\n") if line]
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+        assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+        prompt_loss = chunks[0]["surprise"]["loss"]
+        assert len(prompt_loss) == chunks[-1]["usage"]["prompt_tokens"] and all(x > 0 for x in prompt_loss)
+        finals = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+        assert len(finals) == 1 and finals[0]["session"]["version"] == 1
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] > 0
+        token_losses = [x for c in chunks[1:-1] for x in c.get("surprise", {}).get("loss", [])]
+        assert len(token_losses) == chunks[-1]["usage"]["completion_tokens"]
+        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+        plain = await api.chat("stream please", max_tokens=12)  # ephemeral, same greedy reply
+        assert text == plain["choices"][0]["message"]["content"]
+
+
+async def test_completions_score_only(engine: Engine) -> None:
+    text = "The quick brown fox jumps over the lazy dog."
+    tok = engine.tokenizer
+    ids = tok.encode(text)
+    expected = engine.absorb(engine.new_session(), ids, learn=True).logprobs
+    async with running_app(engine) as api:
+        r = await api.client.post("/v1/completions", json={"model": api.model, "prompt": text, "max_tokens": 0,
+                                                           "echo": True, "logprobs": 0})
+        out = r.json()
+        choice = out["choices"][0]
+        assert choice["text"] == text and choice["finish_reason"] == "length"
+        lp = choice["logprobs"]
+        assert lp["tokens"] == [tok.decode([i]) for i in ids] and "".join(lp["tokens"]) == text
+        assert lp["token_logprobs"] == pytest.approx(expected, abs=1e-5)
+        assert lp["top_logprobs"] is None
+        assert lp["text_offset"] == [len(tok.decode(ids[:i])) for i in range(len(ids))]
+        assert out["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
+
+
+async def test_completions_generate_and_echo(engine: Engine) -> None:
+    async with running_app(engine) as api:
+        body = {"model": "hope", "prompt": "Once upon a time", "max_tokens": 6, "temperature": 0, "echo": True,
+                "logprobs": 1, "session_id": "story", "ignore_eos": True}
+        out = (await api.client.post("/v1/completions", json=body)).json()
+        choice = out["choices"][0]
+        assert choice["text"].startswith("Once upon a time")
+        n = out["usage"]["prompt_tokens"] + out["usage"]["completion_tokens"]
+        assert len(choice["logprobs"]["tokens"]) == n == len(choice["logprobs"]["text_offset"])
+        assert out["usage"]["completion_tokens"] == 6 and out["session"]["version"] == 1
+        assert (await api.session("story"))["tokens_absorbed"] == 1 + n
+        r = await api.client.post("/v1/completions", json={**body, "stream": True, "echo": False})
+        events = [e[len("data: "):] for e in r.text.split("\n\n") if e]
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length" and chunks[-1]["session"]["version"] == 2
+
+
+async def test_session_resources(engine: Engine, other_engine: Engine) -> None:
+    async with running_app(engine) as api:
+        for sid in ("a", "b", "c"):
+            await api.chat("hello", session=sid)
+        page = (await api.client.get("/v1/sessions", params={"limit": 2})).json()
+        assert [s["id"] for s in page["data"]] == ["a", "b"] and page["has_more"] and page["last_id"] == "b"
+        page = (await api.client.get("/v1/sessions", params={"limit": 2, "after": "b"})).json()
+        assert [s["id"] for s in page["data"]] == ["c"] and not page["has_more"]
+
+        # fork: same state, then each goes its own way
+        r = await api.client.post("/v1/sessions/a/fork", json={"new_id": "a2"})
+        assert r.status_code == 201 and r.json()["version"] == 1
+        state_a = (await api.client.get("/v1/sessions/a/state")).content
+        assert (await api.client.get("/v1/sessions/a2/state")).content == state_a
+        await api.chat("only in the fork", session="a2")
+        assert (await api.session("a"))["version"] == 1 and (await api.session("a2"))["version"] == 2
+        assert (await api.client.post("/v1/sessions/a/fork", json={"new_id": "b"})).status_code == 409
+        assert (await api.client.post("/v1/sessions/nope/fork", json={"new_id": "x"})).status_code == 404
+
+        # export, import under a new id: the same state, and it continues
+        exported = await api.client.get("/v1/sessions/b/state")
+        assert exported.headers["content-type"] == "application/octet-stream"
+        r = await api.client.put("/v1/sessions/b-copy/state", content=exported.content)
+        assert r.status_code == 200, r.text
+        assert r.json()["tokens_absorbed"] == (await api.session("b"))["tokens_absorbed"]
+        assert r.json()["messages_logged"] == 0  # the history starts over
+        one = await api.chat("next", session="b")
+        two = await api.chat("next", session="b-copy")
+        assert one["choices"] == two["choices"]
+
+        # states that do not belong here are refused, and change nothing
+        foreign = other_engine.new_session().to_bytes()
+        r = await api.client.put("/v1/sessions/b/state", content=foreign)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_state"
+        r = await api.client.put("/v1/sessions/b/state", content=b"\x00" * 100)
+        assert r.status_code == 400
+        r = await api.client.put("/v1/sessions/b/state", content=exported.content[:-10])
+        assert r.status_code == 400
+        assert (await api.session("b"))["version"] == 2
+
+        # delete
+        assert (await api.client.delete("/v1/sessions/c")).json() == {"id": "c", "object": "session.deleted",
+                                                                      "deleted": True}
+        await api.session("c", expect=404)
+        assert (await api.client.delete("/v1/sessions/c")).status_code == 404
+        assert (await api.client.get("/v1/sessions/c/state")).status_code == 404
+
+
+async def test_bfloat16_storage(engine: Engine) -> None:
+    async with running_app(engine, state_dtype="bfloat16", session_cache_size=0) as api:
+        await api.chat("half the bytes", session="half")
+        await api.chat("and it continues", session="half")
+        meta = await api.session("half")
+        assert meta["version"] == 2
+        assert meta["state_bytes"] < engine.new_session().nbytes("float32") * 0.6
+
+
+async def test_tenant_isolation(engine: Engine) -> None:
+    keys = "acme:key-a,globex:key-g"
+    acme, globex = {"Authorization": "Bearer key-a"}, {"Authorization": "Bearer key-g"}
+    async with running_app(engine, api_keys=keys) as api:
+        await api.chat("acme's secret", session="shared", headers=acme)
+        assert (await api.session("shared", headers=acme))["version"] == 1
+        c = api.client
+        assert (await c.get("/v1/sessions/shared", headers=globex)).status_code == 404
+        assert (await c.get("/v1/sessions/shared/state", headers=globex)).status_code == 404
+        r = await c.post("/v1/sessions/shared/fork", json={"new_id": "stolen"}, headers=globex)
+        assert r.status_code == 404
+        assert (await c.delete("/v1/sessions/shared", headers=globex)).status_code == 404
+        assert (await c.get("/v1/sessions", headers=globex)).json()["data"] == []
+        # globex's own "shared" is another session; acme's is untouched
+        await api.chat("globex's own", session="shared", headers=globex)
+        assert (await api.session("shared", headers=globex))["version"] == 1
+        out = await api.chat("again", session="shared", headers=acme)
+        assert out["session"]["version"] == 2
+        acme_state = (await c.get("/v1/sessions/shared/state", headers=acme)).content
+        globex_state = (await c.get("/v1/sessions/shared/state", headers=globex)).content
+        a, g = load(acme_state), load(globex_state)
+        assert any(not torch.equal(a[k], g[k]) for k in a)
+
+
+async def test_warns_when_open_beyond_loopback(engine: Engine, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="hope.server"):
+        async with running_app(engine, host="0.0.0.0"):
+            pass
+        assert any("HOPE_API_KEYS" in r.getMessage() for r in caplog.records)
+        caplog.clear()
+        async with running_app(engine, host="0.0.0.0", api_keys="acme:k"), running_app(engine, host="127.0.0.1"):
+            pass
+        assert not any("HOPE_API_KEYS" in r.getMessage() for r in caplog.records)

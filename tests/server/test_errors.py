@@ -1,0 +1,183 @@
+"""Every error status, in OpenAI's shape, and that a refused request changes nothing."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from hope_core.engine import Engine
+from server.settings import DEFAULT_TENANT
+from tests.server.support import Api, free_port, running_app
+
+pytestmark = pytest.mark.anyio
+
+
+def assert_error(r: httpx.Response, status: int, param: str | None = None, code: str | None = None) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param is not None:
+        assert err["param"] == param
+    if code is not None:
+        assert err["code"] == code
+    return err
+
+
+def chat_body(api: Api, **extra) -> dict:
+    return {"model": api.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **extra}
+
+
+async def test_400_bad_input(engine: Engine) -> None:
+    async with running_app(engine, max_tokens_limit=64) as api:
+        post = api.client.post
+        r = await post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+        assert_error(r, 400)
+        assert_error(await post("/v1/chat/completions", json={"messages": []}), 400)
+        assert_error(await post("/v1/chat/completions", json=chat_body(api, n=2)), 400, param="n")
+        assert_error(await post("/v1/chat/completions", json=chat_body(api, temperature=5)), 400, param="temperature")
+        assert_error(await post("/v1/chat/completions", json=chat_body(api, max_tokens=65)), 400, param="max_tokens",
+                     code="max_tokens_too_large")
+        assert_error(await post("/v1/chat/completions", json=chat_body(api, stop=["a", "b", "c", "d", "e"])), 400,
+                     param="stop")
+        bad_role = chat_body(api, messages=[{"role": "tool", "content": "x"}])
+        assert_error(await post("/v1/chat/completions", json=bad_role), 400)
+        image = chat_body(api, messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}])
+        assert_error(await post("/v1/chat/completions", json=image), 400)
+        for bad in ("../etc/passwd", "a b", "{acme:x}", "x" * 200, ".hidden"):
+            assert_error(await post("/v1/chat/completions", json=chat_body(api, session_id=bad)), 400,
+                         param="session_id", code="invalid_session_id")
+        assert_error(await post("/v1/chat/completions", json=chat_body(api, user="no spaces please")), 400,
+                     param="user")
+        r = await post("/v1/chat/completions", json=chat_body(api, session_id="a"), headers={"X-Session-Id": "b"})
+        assert_error(r, 400, param="session_id")
+        assert_error(await api.client.get("/v1/sessions/bad%20id"), 400, param="session_id")
+        assert_error(await post("/v1/sessions/ok/fork", json={"new_id": "../x"}), 400, param="new_id")
+        r = await post("/v1/completions", json={"model": api.model, "prompt": ["a", "b"]})
+        assert_error(r, 400, param="prompt")
+        assert (await api.client.get("/v1/sessions")).json()["data"] == []  # nothing was created
+
+
+async def test_401_without_or_with_a_wrong_key(engine: Engine) -> None:
+    async with running_app(engine, api_keys="acme:secret") as api:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic secret"}):
+            for method, path in (("GET", "/v1/models"), ("GET", "/v1/sessions"), ("POST", "/v1/chat/completions")):
+                r = await api.client.request(method, path, headers=headers, json=chat_body(api))
+                assert_error(r, 401)
+                assert r.headers["WWW-Authenticate"] == "Bearer"
+        ok = await api.client.get("/v1/models", headers={"Authorization": "Bearer secret"})
+        assert ok.status_code == 200
+        assert (await api.client.get("/healthz")).status_code == 200  # probes need no key
+        assert (await api.client.get("/metrics")).status_code == 200
+
+
+async def test_404_unknown_model_session_route(engine: Engine) -> None:
+    async with running_app(engine) as api:
+        r = await api.client.post("/v1/chat/completions", json=chat_body(api, model="gpt-4"))
+        assert_error(r, 404, param="model", code="model_not_found")
+        r = await api.client.post("/v1/completions", json={"model": "gpt-4", "prompt": "x"})
+        assert_error(r, 404, param="model")
+        assert_error(await api.client.get("/v1/models/gpt-4"), 404)
+        assert_error(await api.client.get("/v1/sessions/missing"), 404)
+        assert_error(await api.client.get("/v1/sessions/missing/state"), 404)
+        assert_error(await api.client.delete("/v1/sessions/missing"), 404)
+        assert_error(await api.client.get("/v1/nothing-here"), 404)
+
+
+async def test_409_busy_session_with_reject_policy(engine: Engine) -> None:
+    async with running_app(engine, busy_policy="reject") as api:
+        await api.chat("first", session="busy")
+        # another replica holds the session's lock
+        store = api.app.state.ctx.store
+        token = await store.acquire_lock(DEFAULT_TENANT, "busy", 30)
+        r = await api.client.post("/v1/chat/completions", json=chat_body(api, session_id="busy"))
+        assert_error(r, 409, code="session_busy")
+        await store.release_lock(DEFAULT_TENANT, "busy", token)
+        # two requests of this replica at once: one runs, the other is refused
+        slow = chat_body(api, session_id="busy", max_tokens=300, ignore_eos=True)
+        first = asyncio.create_task(api.client.post("/v1/chat/completions", json=slow))
+        await _wait_running(api, 1)
+        assert_error(await api.client.post("/v1/chat/completions", json=chat_body(api, session_id="busy")), 409)
+        assert (await first).status_code == 200
+        assert (await api.session("busy"))["version"] == 2
+
+
+async def test_409_after_waiting_too_long(engine: Engine) -> None:
+    async with running_app(engine, busy_policy="wait", busy_timeout_s=0.3) as api:
+        store = api.app.state.ctx.store
+        token = await store.acquire_lock(DEFAULT_TENANT, "held", 30)
+        r = await api.client.post("/v1/chat/completions", json=chat_body(api, session_id="held"))
+        assert_error(r, 409, code="session_busy")
+        await store.release_lock(DEFAULT_TENANT, "held", token)
+        await api.session("held", expect=404)
+
+
+async def test_409_state_of_another_checkpoint(engine: Engine, other_engine: Engine, tmp_path) -> None:
+    url = f"sqlite:///{tmp_path}/s.db"
+    async with running_app(engine, url) as api:
+        await api.chat("made by the first checkpoint", session="old")
+    async with running_app(other_engine, url) as api:
+        r = await api.client.post("/v1/chat/completions", json=chat_body(api, session_id="old"))
+        assert_error(r, 409, code="session_incompatible")
+        assert (await api.session("old"))["checkpoint"] == engine.fingerprint  # untouched, still listed
+
+
+async def test_413_too_large(engine: Engine) -> None:
+    async with running_app(engine, max_body_bytes=2048, max_prompt_tokens=20, max_state_bytes=4096) as api:
+        big = chat_body(api, messages=[{"role": "user", "content": "x" * 4000}])
+        assert_error(await api.client.post("/v1/chat/completions", json=big), 413, code="body_too_large")
+
+        async def chunked():  # no Content-Length: counted while reading
+            yield b'{"model": "hope", "messages": [{"role": "user", "content": "'
+            for _ in range(10):
+                yield b"y" * 500
+            yield b'"}]}'
+
+        r = await api.client.post("/v1/chat/completions", content=chunked(),
+                                  headers={"content-type": "application/json"})
+        assert_error(r, 413)
+        long_prompt = chat_body(api, session_id="long", messages=[{"role": "user", "content": "word " * 50}])
+        assert_error(await api.client.post("/v1/chat/completions", json=long_prompt), 413, code="prompt_too_long")
+        # a state bigger than max_state_bytes is neither imported nor stored
+        state = engine.new_session().to_bytes()
+        assert_error(await api.client.put("/v1/sessions/imp/state", content=state), 413)
+        r = await api.client.post("/v1/chat/completions", json=chat_body(api, session_id="fits-not"))
+        assert_error(r, 413, code="state_too_large")
+        for sid in ("long", "imp", "fits-not"):
+            await api.session(sid, expect=404)
+
+
+async def test_429_overloaded(engine: Engine) -> None:
+    async with running_app(engine, max_concurrent_requests=1, max_waiting_requests=0,
+                           overload_retry_after_s=3) as api:
+        slow = asyncio.create_task(api.client.post(
+            "/v1/chat/completions", json=chat_body(api, session_id="s1", max_tokens=300, ignore_eos=True)))
+        await _wait_running(api, 1)
+        r = await api.client.post("/v1/chat/completions", json=chat_body(api, session_id="s2"))
+        assert_error(r, 429, code="overloaded")
+        assert r.headers["Retry-After"] == "3"
+        assert (await slow).status_code == 200
+        await api.session("s2", expect=404)
+
+
+async def test_503_store_unreachable(engine: Engine) -> None:
+    async with running_app(engine, store=f"redis://127.0.0.1:{free_port()}/0", overload_retry_after_s=2) as api:
+        r = await api.client.post("/v1/chat/completions", json=chat_body(api, session_id="s"))
+        assert_error(r, 503, code="store_unavailable")
+        assert r.headers["Retry-After"] == "2"
+        assert_error(await api.client.get("/v1/sessions"), 503)
+        ready = await api.client.get("/readyz")
+        assert ready.status_code == 503 and "store" in ready.json()["detail"]
+        assert (await api.client.get("/healthz")).status_code == 200
+        # an ephemeral session needs no store
+        assert (await api.client.post("/v1/chat/completions", json=chat_body(api))).status_code == 200
+
+
+async def _wait_running(api: Api, n: int, timeout: float = 10) -> None:
+    ctx = api.app.state.ctx
+    for _ in range(int(timeout / 0.01)):
+        if ctx.sessions.admission.running == n:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the request never started")
