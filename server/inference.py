@@ -215,6 +215,35 @@ def count_failure(ctx: Context, reason: str) -> None:
 
 # ---- server-sent events ----------------------------------------------------------------------
 
+async def guarded_stream(ctx: Context, run: TurnRun, events: AsyncIterator[str], what: str) -> AsyncIterator[str]:
+    """The failure rules every SSE stream shares, around the events a route produces.
+
+    Once a stream has begun its status is sent, so an error (a version conflict at commit, a bug)
+    goes out as a `data: {"error": ...}` event before `[DONE]`; a client that left gets nothing
+    and nothing is committed. The turn's worker and lock are always released.
+    """
+    try:
+        async for event in events:
+            yield event
+    except Stopped:  # the client left after the last token: nothing was committed
+        count_failure(ctx, "disconnected")
+    except APIError as e:
+        count_failure(ctx, e.reason)
+        yield sse_error(e)
+        yield sse("[DONE]")
+    except Exception:
+        log.exception("%s stream failed", what)
+        count_failure(ctx, "internal")
+        yield sse_error(APIError(500, "internal server error", code="internal_error"))
+        yield sse("[DONE]")
+    except BaseException:  # cancelled: the client disconnected mid-stream; nothing is committed
+        count_failure(ctx, "disconnected")
+        raise
+    finally:
+        await run.aclose()
+        await run.turn.release()
+
+
 def sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 

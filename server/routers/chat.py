@@ -21,7 +21,6 @@ from starlette.background import BackgroundTask
 
 from hope_core.engine import TokenEvent
 from server.auth import Ctx, Sessions, Tenant
-from server.context import Context
 from server.errors import APIError
 from server.inference import (
     EventStream,
@@ -31,11 +30,10 @@ from server.inference import (
     check_model,
     check_prompt_size,
     collect,
-    count_failure,
+    guarded_stream,
     resolve_session_id,
     sampling_params,
     sse,
-    sse_error,
     surprise_of,
 )
 from server.schemas import (
@@ -96,7 +94,8 @@ async def chat_completions(body: ChatRequest, request: Request, ctx: Ctx,
         return [*new_digests, message_digest("assistant", run.output.result.text)]
 
     if body.stream:
-        return EventStream(_stream(ctx, run, body, completion_id, created, model, resent, finish_digests),
+        events = _events(run, body, completion_id, created, model, resent, finish_digests)
+        return EventStream(guarded_stream(ctx, run, events, "chat"),
                            background=BackgroundTask(_cleanup, run, turn))
 
     try:
@@ -124,7 +123,7 @@ async def _cleanup(run: TurnRun, turn) -> None:
     await turn.release()
 
 
-async def _stream(ctx: Context, run: TurnRun, body: ChatRequest, completion_id: str, created: int, model: str,
+async def _events(run: TurnRun, body: ChatRequest, completion_id: str, created: int, model: str,
                   resent: int, finish_digests) -> AsyncIterator[str]:
     tok = run.turn.manager.engine.tokenizer
     opts = body.stream_options
@@ -139,49 +138,31 @@ async def _stream(ctx: Context, run: TurnRun, body: ChatRequest, completion_id: 
                                 **extra)
         return sse(dump(c))
 
-    try:
-        pending: list[TokenEvent] = []  # tokens not yet sent (their text may still be held back)
-        async for item in run.events():
-            if isinstance(item, PromptAbsorbed):
-                surprise = surprise_of(tok, item.token_ids, item.logprobs) if include_surprise else None
-                yield chunk(Delta(role="assistant", content=""), surprise=surprise)
-                continue
-            if item.token_id >= 0:
-                pending.append(item)
-            if not item.text and not include_surprise:
-                continue
-            yield chunk(Delta(content=item.text),
-                        logprobs=_token_logprobs(tok, [e.token_id for e in pending], [e.logprob for e in pending])
-                        if body.logprobs else None,
-                        surprise=surprise_of(tok, [e.token_id for e in pending], [e.logprob for e in pending])
-                        if include_surprise else None)
-            pending = []
-        info = await run.finish(finish_digests())
-        info.resent_messages = resent
-        out = run.output
-        assert out is not None and out.result is not None
-        yield chunk(Delta(), finish_reason=out.result.finish_reason, session=info)
-        if include_usage:
-            n_prompt, n_gen = len(run.plan.prompt), len(out.result.token_ids)
-            usage = ChatCompletionChunk(id=completion_id, created=created, model=model, choices=[],
-                                        usage=Usage(prompt_tokens=n_prompt, completion_tokens=n_gen,
-                                                    total_tokens=n_prompt + n_gen))
-            yield sse(dump(usage))
-        yield sse("[DONE]")
-    except Stopped:  # the client left after the last token: nothing was committed
-        count_failure(ctx, "disconnected")
-    except APIError as e:  # e.g. a version conflict at commit: the stream has already begun
-        count_failure(ctx, e.reason)
-        yield sse_error(e)
-        yield sse("[DONE]")
-    except Exception:
-        log.exception("chat stream failed")
-        count_failure(ctx, "internal")
-        yield sse_error(APIError(500, "internal server error", code="internal_error"))
-        yield sse("[DONE]")
-    except BaseException:  # cancelled: the client disconnected mid-stream; nothing is committed
-        count_failure(ctx, "disconnected")
-        raise
-    finally:
-        await run.aclose()
-        await run.turn.release()
+    pending: list[TokenEvent] = []  # tokens not yet sent (their text may still be held back)
+    async for item in run.events():
+        if isinstance(item, PromptAbsorbed):
+            surprise = surprise_of(tok, item.token_ids, item.logprobs) if include_surprise else None
+            yield chunk(Delta(role="assistant", content=""), surprise=surprise)
+            continue
+        if item.token_id >= 0:
+            pending.append(item)
+        if not item.text and not include_surprise:
+            continue
+        yield chunk(Delta(content=item.text),
+                    logprobs=_token_logprobs(tok, [e.token_id for e in pending], [e.logprob for e in pending])
+                    if body.logprobs else None,
+                    surprise=surprise_of(tok, [e.token_id for e in pending], [e.logprob for e in pending])
+                    if include_surprise else None)
+        pending = []
+    info = await run.finish(finish_digests())
+    info.resent_messages = resent
+    out = run.output
+    assert out is not None and out.result is not None
+    yield chunk(Delta(), finish_reason=out.result.finish_reason, session=info)
+    if include_usage:
+        n_prompt, n_gen = len(run.plan.prompt), len(out.result.token_ids)
+        usage = ChatCompletionChunk(id=completion_id, created=created, model=model, choices=[],
+                                    usage=Usage(prompt_tokens=n_prompt, completion_tokens=n_gen,
+                                                total_tokens=n_prompt + n_gen))
+        yield sse(dump(usage))
+    yield sse("[DONE]")

@@ -21,7 +21,6 @@ from starlette.background import BackgroundTask
 
 from hope_core.engine import TokenEvent
 from server.auth import Ctx, Sessions, Tenant
-from server.context import Context
 from server.errors import APIError
 from server.inference import (
     EventStream,
@@ -31,11 +30,10 @@ from server.inference import (
     check_model,
     check_prompt_size,
     collect,
-    count_failure,
+    guarded_stream,
     resolve_session_id,
     sampling_params,
     sse,
-    sse_error,
     surprise_of,
 )
 from server.schemas import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Usage, dump
@@ -92,7 +90,8 @@ async def completions(body: CompletionRequest, request: Request, ctx: Ctx,
     created = int(time.time())
 
     if body.stream:
-        return EventStream(_stream(ctx, run, body, prompt_text, completion_id, created, model),
+        events = _events(run, body, prompt_text, completion_id, created, model)
+        return EventStream(guarded_stream(ctx, run, events, "completion"),
                            background=BackgroundTask(_cleanup, run, turn))
 
     try:
@@ -126,7 +125,7 @@ async def _cleanup(run: TurnRun, turn) -> None:
     await turn.release()
 
 
-async def _stream(ctx: Context, run: TurnRun, body: CompletionRequest, prompt_text: str, completion_id: str,
+async def _events(run: TurnRun, body: CompletionRequest, prompt_text: str, completion_id: str,
                   created: int, model: str) -> AsyncIterator[str]:
     tok = run.turn.manager.engine.tokenizer
     opts = body.stream_options
@@ -139,53 +138,35 @@ async def _stream(ctx: Context, run: TurnRun, body: CompletionRequest, prompt_te
                        choices=[CompletionChoice(text=text, logprobs=logprobs, finish_reason=finish)], **extra)
         return sse(dump(c))
 
-    try:
-        pending: list[TokenEvent] = []
-        offset = 0  # characters of text sent so far (for text_offset)
-        async for item in run.events():
-            if isinstance(item, PromptAbsorbed):
-                if body.echo or include_surprise:
-                    text = prompt_text if body.echo else ""
-                    logprobs = (legacy_logprobs(tok, item.token_ids, item.logprobs)
-                                if body.echo and body.logprobs is not None else None)
-                    surprise = surprise_of(tok, item.token_ids, item.logprobs) if include_surprise else None
-                    yield chunk(text, logprobs=logprobs, surprise=surprise)
-                    offset += len(text)
-                continue
-            if item.token_id >= 0:
-                pending.append(item)
-            if not item.text and not include_surprise:
-                continue
-            ids, lps = [e.token_id for e in pending], [e.logprob for e in pending]
-            yield chunk(item.text,
-                        logprobs=legacy_logprobs(tok, ids, lps, offset) if body.logprobs is not None else None,
-                        surprise=surprise_of(tok, ids, lps) if include_surprise else None)
-            offset += len(item.text)
-            pending = []
-        info = await run.finish()
-        yield chunk("", finish_reason=run.finish_reason, session=info)
-        if opts and opts.include_usage:
-            out = run.output
-            assert out is not None
-            n_prompt, n_gen = len(run.plan.prompt), len(out.result.token_ids) if out.result else 0
-            yield sse(dump(Completion(id=completion_id, created=created, model=model, choices=[],
-                                      usage=Usage(prompt_tokens=n_prompt, completion_tokens=n_gen,
-                                                  total_tokens=n_prompt + n_gen))))
-        yield sse("[DONE]")
-    except Stopped:
-        count_failure(ctx, "disconnected")
-    except APIError as e:
-        count_failure(ctx, e.reason)
-        yield sse_error(e)
-        yield sse("[DONE]")
-    except Exception:
-        log.exception("completion stream failed")
-        count_failure(ctx, "internal")
-        yield sse_error(APIError(500, "internal server error", code="internal_error"))
-        yield sse("[DONE]")
-    except BaseException:  # cancelled: the client disconnected mid-stream; nothing is committed
-        count_failure(ctx, "disconnected")
-        raise
-    finally:
-        await run.aclose()
-        await run.turn.release()
+    pending: list[TokenEvent] = []
+    offset = 0  # characters of text sent so far (for text_offset)
+    async for item in run.events():
+        if isinstance(item, PromptAbsorbed):
+            if body.echo or include_surprise:
+                text = prompt_text if body.echo else ""
+                logprobs = (legacy_logprobs(tok, item.token_ids, item.logprobs)
+                            if body.echo and body.logprobs is not None else None)
+                surprise = surprise_of(tok, item.token_ids, item.logprobs) if include_surprise else None
+                yield chunk(text, logprobs=logprobs, surprise=surprise)
+                offset += len(text)
+            continue
+        if item.token_id >= 0:
+            pending.append(item)
+        if not item.text and not include_surprise:
+            continue
+        ids, lps = [e.token_id for e in pending], [e.logprob for e in pending]
+        yield chunk(item.text,
+                    logprobs=legacy_logprobs(tok, ids, lps, offset) if body.logprobs is not None else None,
+                    surprise=surprise_of(tok, ids, lps) if include_surprise else None)
+        offset += len(item.text)
+        pending = []
+    info = await run.finish()
+    yield chunk("", finish_reason=run.finish_reason, session=info)
+    if opts and opts.include_usage:
+        out = run.output
+        assert out is not None
+        n_prompt, n_gen = len(run.plan.prompt), len(out.result.token_ids) if out.result else 0
+        yield sse(dump(Completion(id=completion_id, created=created, model=model, choices=[],
+                                  usage=Usage(prompt_tokens=n_prompt, completion_tokens=n_gen,
+                                              total_tokens=n_prompt + n_gen))))
+    yield sse("[DONE]")
