@@ -627,10 +627,36 @@ class TokenStream:
             yield torch.from_numpy(self.tokens[index].astype(np.int64))
 
 
+class RereadStream:
+    """Rows that read a passage, then other text of the same source, then the passage again.
+
+    The second reading is only easier if the memories kept the first one past the distractor,
+    so these rows teach exactly what HOPE.md's invariant 6 asks of a session (they are built from
+    the training split; the evaluation re-reads held-out text).
+    """
+
+    def __init__(self, streams: Sequence[TokenStream], passage: tuple[int, int] = (64, 160)) -> None:
+        self.streams = list(streams)
+        self.passage = passage
+
+    def sample_batch(self, batch_size: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
+        out = torch.empty(batch_size, seq_len + 1, dtype=torch.int64)
+        lo, hi = self.passage
+        for i in range(batch_size):
+            pick = int(torch.randint(len(self.streams), (1,), generator=generator))
+            tokens = self.streams[pick].tokens
+            p = int(torch.randint(lo, hi + 1, (1,), generator=generator))
+            d = seq_len + 1 - 2 * p
+            p0, d0 = (int(torch.randint(0, len(tokens) - n, (1,), generator=generator)) for n in (p, d))
+            passage = torch.from_numpy(tokens[p0:p0 + p].astype(np.int64))
+            out[i] = torch.cat([passage, torch.from_numpy(tokens[d0:d0 + d].astype(np.int64)), passage])
+        return out
+
+
 class MixtureStream:
     """Several token streams sampled per row by weight (e.g. prose vs. memory episodes)."""
 
-    def __init__(self, streams: Mapping[str, TokenStream], weights: Mapping[str, float],
+    def __init__(self, streams: Mapping[str, TokenStream | RereadStream], weights: Mapping[str, float],
                  aligned: set[str] | frozenset[str] = frozenset(), bos_id: int = 0) -> None:
         """`aligned` streams are sampled from document starts (`bos_id`), for episodes that
         only make sense read from the beginning."""
@@ -640,7 +666,7 @@ class MixtureStream:
             raise ValueError("weights must be >= 0 with a positive sum")
         self.aligned, self.bos_id = frozenset(aligned), bos_id
         self.names: list[str] = sorted(streams)
-        self.streams: dict[str, TokenStream] = dict(streams)
+        self.streams: dict[str, TokenStream | RereadStream] = dict(streams)
         total = float(sum(weights.values()))
         self.probs: torch.Tensor = torch.tensor(
             [weights[n] / total for n in self.names], dtype=torch.float64

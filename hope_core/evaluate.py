@@ -54,6 +54,21 @@ def heldout_streams(engine: Engine, ec: EvalConfig, cache_dir: Path) -> dict[str
             for s, d in docs.items() if d}
 
 
+def reread_episodes(streams: dict[str, data.TokenStream], ec: EvalConfig) -> list[tuple[list[int], list[int]]]:
+    """(passage, distractor) pairs: the distractor is other text of the same held-out source,
+    from half the stream away, so what it changes is memory of the passage, not the domain."""
+    episodes = []
+    names = list(streams)
+    for i in range(ec.passages):
+        src = streams[names[i % len(names)]]
+        span = len(src) - ec.passage_tokens - ec.distractor_tokens
+        p0 = (i * 7919 * ec.passage_tokens) % max(1, span)
+        d0 = (p0 + len(src) // 2) % max(1, span)
+        episodes.append((src.tokens[p0:p0 + ec.passage_tokens].tolist(),
+                         src.tokens[d0:d0 + ec.distractor_tokens].tolist()))
+    return episodes
+
+
 def heldout_loss(engine: Engine, windows: list[list[int]], learning: Learning) -> float:
     total, n = 0.0, 0
     for w in windows:
@@ -99,15 +114,7 @@ def evaluate(engine: Engine, ec: EvalConfig, cache_dir: Path, compare: Engine | 
     for stream in streams.values():
         for batch in stream.iter_windows(1, ec.window_tokens - 1, ec.windows_per_source):
             windows.append(batch[0].tolist())
-    # passages and distractors: consecutive stretches of held-out text from different sources
-    episodes = []
-    names = list(streams)
-    for i in range(ec.passages):
-        src, other = streams[names[i % len(names)]], streams[names[(i + 1) % len(names)]]
-        p0 = (i * 7919 * ec.passage_tokens) % max(1, len(src) - ec.passage_tokens)
-        d0 = (i * 104729 * ec.distractor_tokens) % max(1, len(other) - ec.distractor_tokens)
-        episodes.append((src.tokens[p0:p0 + ec.passage_tokens].tolist(),
-                         other.tokens[d0:d0 + ec.distractor_tokens].tolist()))
+    episodes = reread_episodes(streams, ec)
 
     state = engine.new_session()
     out: dict = {

@@ -57,8 +57,9 @@ class HopeConfig:
     mid_hidden: int = 64
     fast_hidden: int = 32
     conv_width: int = 4
+    key_shift: bool = True  # keys see tokens up to t-1 (associative recall of the next token)
     rope_base: float = 10000.0
-    eta_max: float = 0.03  # Titans inner learning rate ceiling
+    eta_max: float = 0.03  # scale of the Titans inner learning rate
     mem_max_norm: float = 4.0  # Frobenius cap of each memory matrix, per head
     lr_fast: float = 0.03
     lr_mid: float = 0.01
@@ -281,10 +282,21 @@ class TitansMemory(nn.Module):
         d, H, dh, m, N = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.mem_hidden, cfg.n_memories
         # q, k, v projections go through the causal depthwise convolution
         self.qkv = nn.Linear(d, 3 * d, bias=False)
-        self.conv = nn.Parameter(torch.zeros(3 * d, cfg.conv_width))
+        # Causal depthwise convolutions of width cw. With `key_shift` the keys' window ends one
+        # token earlier than the queries' and values' (t-cw..t-1 instead of t-cw+1..t), so the
+        # memory learns "what came before" -> "what came next": a later read with the same
+        # context retrieves the token that followed it (the associative recall re-reading needs).
+        span = cfg.conv_width + cfg.key_shift
+        self.conv = nn.Parameter(torch.zeros(3 * d, span))
+        mask = torch.ones(3, d, span)
+        if cfg.key_shift:
+            mask[[0, 2], :, 0] = 0  # q, v: taps t-cw+1..t
+            mask[1, :, -1] = 0  # k: taps t-cw..t-1
+        self.register_buffer("conv_mask", mask.view(3 * d, span), persistent=False)
         with torch.no_grad():
-            self.conv[:, -1] = 1.0  # start as identity
-            self.conv[:, :-1].normal_(0, 0.02)
+            self.conv.normal_(0, 0.02)
+            self.conv.view(3, d, span)[[0, 2], :, -1] = 1.0  # start as identity
+            self.conv.view(3, d, span)[1, :, -1 - cfg.key_shift] = 1.0  # k: the newest token it sees
         if cfg.self_modifying:
             self.eta_alpha_in = nn.Linear(d, 2 * d, bias=False)  # inputs of the eta/alpha memories
             self.eta_read = nn.Parameter(torch.randn(H, dh) * 0.02)
@@ -292,7 +304,7 @@ class TitansMemory(nn.Module):
         else:
             self.eta_alpha_in = nn.Linear(d, 2 * H, bias=False)
         self.eta_bias = nn.Parameter(torch.full((H,), -2.0))
-        self.alpha_bias = nn.Parameter(torch.full((H,), 5.0))  # retain ~99% at start
+        self.alpha_bias = nn.Parameter(torch.full((H,), 5.0))  # retain ~99.3% per token at start
         self.beta_logit = nn.Parameter(torch.tensor(1.5))  # momentum ~0.8 at start
         # meta-learned initial memories (the session's copies start from these)
         self.a0 = nn.Parameter(torch.randn(H, N, dh, m) * 0.5 / math.sqrt(dh))
@@ -307,8 +319,8 @@ class TitansMemory(nn.Module):
             "mem_b": b0.expand(batch, *b0.shape).clone(),
             "mom_a": torch.zeros(batch, *a0.shape, device=a0.device),
             "mom_b": torch.zeros(batch, *b0.shape, device=a0.device),
-            # pre-convolution q/k/v projections: the last cw-1 committed ones, and the open chunk's
-            "conv_tail": torch.zeros(batch, cw - 1, 3 * d, device=a0.device),
+            # pre-convolution q/k/v projections: the last cw committed ones, and the open chunk's
+            "conv_tail": torch.zeros(batch, cw - 1 + self.cfg.key_shift, 3 * d, device=a0.device),
             "open_conv": torch.zeros(batch, C, 3 * d, device=a0.device),
         }
 
@@ -316,13 +328,15 @@ class TitansMemory(nn.Module):
         """Read the chunk-start memory. Returns (read [B, T, d], new open buffers, update inputs)."""
         cfg = self.cfg
         B, T, d = x.shape
-        H, dh, cw = cfg.n_heads, cfg.head_dim, cfg.conv_width
+        H, dh = cfg.n_heads, cfg.head_dim
+        cw = cfg.conv_width - 1 + cfg.key_shift  # inputs before the first token that a conv reads
         proj = self.qkv(x)
         open_conv, seq = append_open(layer["conv_tail"], layer["open_conv"], slots, proj)
-        if T != seq.shape[1] - (cw - 1):  # the tokens' rows and the cw-1 before the first
-            rows = slots[:, :1] + torch.arange(T + cw - 1, device=x.device)
-            seq = torch.gather(seq, 1, rows[..., None].expand(B, T + cw - 1, 3 * d))
-        mixed = F.conv1d(seq.transpose(1, 2), self.conv[:, None], groups=3 * d).transpose(1, 2)
+        if T != seq.shape[1] - cw:  # the tokens' rows and the cw before the first
+            rows = slots[:, :1] + torch.arange(T + cw, device=x.device)
+            seq = torch.gather(seq, 1, rows[..., None].expand(B, T + cw, 3 * d))
+        kernel = (self.conv * self.conv_mask)[:, None]
+        mixed = F.conv1d(seq.transpose(1, 2), kernel, groups=3 * d).transpose(1, 2)
         q, k, v = mixed.view(B, T, 3, H, dh).unbind(2)
         q = F.normalize(q, dim=-1)
         a, b = layer["mem_a"], layer["mem_b"]

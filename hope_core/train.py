@@ -50,7 +50,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 1337
     sources: dict[str, float] = field(default_factory=lambda: {
-        "python_docs": 0.35, "shakespeare": 0.3, "fortunes": 0.15, "synthetic": 0.2})
+        "python_docs": 0.3, "shakespeare": 0.25, "fortunes": 0.1, "synthetic": 0.15, "reread": 0.2})
     n_synthetic: int = 3000
     synthetic_distractor_tokens: int = 280
     eval_every: int = 100
@@ -83,8 +83,10 @@ def lr_at(tc: TrainConfig, step: int, elapsed_s: float) -> float:
 
 def build_streams(tc: TrainConfig, tokenizer: HopeTokenizer, split: data.Split) -> data.MixtureStream:
     cache = Path(tc.cache_dir)
-    streams: dict[str, data.TokenStream] = {}
+    streams: dict[str, data.TokenStream | data.RereadStream] = {}
     for source in tc.sources:
+        if source == "reread":
+            continue
         if source == "synthetic":
             n = tc.n_synthetic if split == "train" else max(50, tc.n_synthetic // 20)
             docs = data.load_synthetic(split, n, tc.synthetic_distractor_tokens * data.CHARS_PER_TOKEN,
@@ -92,6 +94,9 @@ def build_streams(tc: TrainConfig, tokenizer: HopeTokenizer, split: data.Split) 
         else:
             docs = data.load_corpus(split, (source,), cache)
         streams[source] = data.TokenStream.cached(tokenizer, docs, cache, name=f"{source}-{split}")
+    if "reread" in tc.sources:
+        prose = [st for name, st in streams.items() if name != "synthetic"]
+        streams["reread"] = data.RereadStream(prose)  # type: ignore[arg-type]
     # an episode must be read from its start, or its fact is cut off
     return data.MixtureStream(streams, tc.sources, aligned={"synthetic"} & set(tc.sources),
                               bos_id=tokenizer.bos_id)
@@ -268,6 +273,23 @@ def train(cfg: HopeConfig, tc: TrainConfig, resume: bool = False) -> Path:
     return out / "checkpoint"
 
 
+def summarize(run_dir: str | Path, every: int = 50) -> str:
+    """The loss curve of a run (its log.jsonl) as a markdown table, for docs/."""
+    rows = [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
+    progress = json.loads((Path(run_dir) / "progress.json").read_text())
+    lines = ["| step | tokens seen | train loss (last 5 steps) | held-out loss | tokens/s | elapsed |",
+             "|---|---|---|---|---|---|"]
+    tokens_per_step = progress["tokens_seen"] / max(progress["step"], 1)
+    for i, r in enumerate(rows):
+        if r["step"] % every and i != len(rows) - 1:
+            continue
+        recent = [x["loss"] for x in rows[max(0, i - 4):i + 1]]
+        held = f"{r['heldout_loss']:.3f}" if "heldout_loss" in r else ""
+        lines.append(f"| {r['step']} | {r['step'] * tokens_per_step:,.0f} | {sum(recent) / len(recent):.3f} | "
+                     f"{held} | {r['tokens_per_s']:,.0f} | {_hms(r['elapsed_s'])} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="hope train", description=__doc__.split("\n")[0])
     p.add_argument("--config", help="TOML file with [model] and [train] tables")
@@ -276,7 +298,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-minutes", type=float)
     p.add_argument("--device")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--summary", metavar="RUN_DIR", help="print a run's loss curve as markdown and exit")
     a = p.parse_args(argv)
+    if a.summary:
+        print(summarize(a.summary), end="")
+        return
     cfg, tc = load_config(a.config)
     if a.out:
         tc.out_dir = a.out

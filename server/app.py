@@ -17,7 +17,7 @@ from hope_core.engine import Engine
 from server.context import Context
 from server.errors import APIError, install_error_handlers
 from server.metrics import Metrics
-from server.routers import chat, completions, health, models, sessions
+from server.routers import chat, completions, health, models, playground, sessions
 from server.sessions import SessionManager
 from server.settings import Settings
 from server.stores.base import StoreUnavailable, open_store
@@ -77,6 +77,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     install_error_handlers(app, count_failure, settings.overload_retry_after_s)
     for module in (chat, completions, models, sessions, health):
         app.include_router(module.router)
+    if settings.playground:
+        app.include_router(playground.router)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, state_limit=settings.max_state_bytes,
                        on_refuse=lambda: ctx.metrics.request_failure.labels("too_large").inc())
     return app

@@ -55,6 +55,9 @@ def resolve_session_id(body_id: str | None, header_id: str | None, user: str | N
     return sid
 
 
+SAMPLING_EPSILON = 1e-6  # a temperature or top_p below it samples greedily
+
+
 def sampling_params(ctx: Context, req: SamplingFields, max_tokens: int | None, param: str,
                     stop_token_ids: Sequence[int]) -> SamplingParams:
     s = ctx.settings
@@ -62,8 +65,14 @@ def sampling_params(ctx: Context, req: SamplingFields, max_tokens: int | None, p
     if n > s.max_tokens_limit:
         raise bad_request(f"{param} is {n}, the most this server generates is {s.max_tokens_limit}",
                           param=param, code="max_tokens_too_large")
-    return SamplingParams(max_tokens=n, temperature=1.0 if req.temperature is None else req.temperature,
-                          top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k, seed=req.seed,
+    temperature = 1.0 if req.temperature is None else req.temperature
+    top_p = 1.0 if req.top_p is None else req.top_p
+    # Vanishing values break float32 sampling (logits / 1e-200 overflow; top_p = 5e-324 rounds to 0
+    # and drops every token); sampling that cold, or a nucleus that small, is the greedy choice.
+    if temperature < SAMPLING_EPSILON or top_p < SAMPLING_EPSILON:
+        temperature = 0.0
+    return SamplingParams(max_tokens=n, temperature=temperature,
+                          top_p=max(top_p, SAMPLING_EPSILON), top_k=req.top_k, seed=req.seed,
                           stop=list(req.stop or []), stop_token_ids=[] if req.ignore_eos else list(stop_token_ids))
 
 
@@ -165,7 +174,8 @@ class TurnRun:
         """Commit (when the turn persists) and count the request as a success."""
         out, turn, m = self.output, self.turn, self.ctx.metrics
         assert out is not None and turn.work is not None
-        meta = await turn.commit(new_digests)
+        # per level, the last update of this request (records come in the order they were made)
+        meta = await turn.commit(new_digests, update_norms={u.level: u.update_norm for u in out.updates})
         m.prompt_tokens.inc(len(self.plan.prompt))
         m.generation_tokens.inc(len(out.result.token_ids) if out.result else 0)
         m.observe_updates(out.updates)

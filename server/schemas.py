@@ -249,6 +249,8 @@ class SessionObject(BaseModel):
     updated: int
     checkpoint: str  # fingerprint of the checkpoint whose state this is
     messages_logged: int  # chat messages absorbed (what history de-duplication knows of)
+    # per level (titans, fast, mid): ||delta W|| / ||W|| of the latest update at that level
+    last_update_norms: dict[str, float] = Field(default_factory=dict)
 
 
 class SessionList(BaseModel):

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import time
 import uuid
 from collections import OrderedDict
@@ -232,9 +233,13 @@ class Turn:
     def resent_prefix(self, digests: Sequence[bytes]) -> int:
         return resent_prefix(digests, self.history, self.history_truncated)
 
-    async def commit(self, new_digests: Sequence[bytes] = (), reset_history: bool = False) -> SessionMeta | None:
+    async def commit(self, new_digests: Sequence[bytes] = (), reset_history: bool = False,
+                     update_norms: dict[str, float] | None = None) -> SessionMeta | None:
         """Store the working copy as the next version, if nobody changed the session meanwhile
-        (409 otherwise). Once begun, a commit is not interrupted by cancellation."""
+        (409 otherwise). Once begun, a commit is not interrupted by cancellation.
+
+        `update_norms`: per level, the norm of this request's last update at that level; levels
+        it did not update keep the norm stored before (an import starts over)."""
         if not self.persist:
             return None
         m = self.manager
@@ -249,12 +254,14 @@ class Turn:
             kept = [] if reset_history else self.history
             history = ([*kept, *new_digests])[-m.settings.history_max_messages:]
             total = (0 if reset_history or self.meta is None else self.meta.history_total) + len(new_digests)
+            norms = {} if reset_history or self.meta is None else dict(self.meta.last_update_norms)
+            norms.update({lvl: n for lvl, n in (update_norms or {}).items() if math.isfinite(n)})
             now = time.time()
             meta = SessionMeta(tenant=self.tenant, session_id=self.session_id or "", uid=self._uid,
                                version=work.version, created=self.meta.created if self.meta else now,
                                updated=now, tokens_absorbed=work.tokens_absorbed, updates=work.updates,
                                state_bytes=len(blob), checkpoint=work.fingerprint,
-                               dtype=m.settings.state_dtype, history_total=total)
+                               dtype=m.settings.state_dtype, history_total=total, last_update_norms=norms)
             record = SessionRecord(meta, b"".join(history), blob)
             try:
                 ok = await m.store.commit(record, self.version, self.lock_token)
@@ -301,6 +308,7 @@ class Turn:
                     log.warning("could not release a session lock", exc_info=True)
             if self._local_key is not None:
                 m.local_locks.release(self._local_key)
+            m.open_turns.pop(id(self), None)
 
 
 # ---- the manager -------------------------------------------------------------------------------
@@ -315,8 +323,15 @@ class SessionManager:
         # encoding/decoding states: short, and must not queue behind long generations
         self.io_executor: Executor = ThreadPoolExecutor(4, thread_name_prefix="hope-io")
         self.local_locks = _LocalLocks()
+        self.open_turns: dict[int, Turn] = {}  # turns that may hold a store lock, until released
 
-    async def close(self) -> None:
+    async def close(self, timeout: float = 5.0) -> None:
+        """At shutdown, before the store closes: the turns of requests that the server aborted
+        (uvicorn cancels them once its graceful period is over) give back their session locks
+        first, so the sessions are free at once instead of after the lock's lease."""
+        deadline = time.monotonic() + timeout
+        while self.open_turns and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
         self.engine_executor.shutdown(wait=False, cancel_futures=True)
         self.io_executor.shutdown(wait=False, cancel_futures=True)
 
@@ -334,6 +349,7 @@ class SessionManager:
             return await self._with_slot(turn, engine_slot)
 
         turn = Turn(self, tenant, session_id, persist=True, base=None, meta=None)
+        self.open_turns[id(turn)] = turn
         try:
             await self._lock(turn)
             if engine_slot:

@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     device: str = "auto"  # auto: CUDA when present, else CPU
     api_keys: str = ""  # "tenant:key,tenant:key"; empty: no auth, one tenant
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    playground: bool = True  # the web page at / (static files; it uses the API like any client)
 
     # limits: each over-limit request is refused before it changes anything
     max_concurrent_requests: int = Field(4, ge=1)  # engine work running at once (429 beyond the queue)

@@ -21,7 +21,8 @@ router = APIRouter(tags=["sessions"])
 def session_object(m: SessionMeta) -> SessionObject:
     return SessionObject(id=m.session_id, version=m.version, tokens_absorbed=m.tokens_absorbed, updates=m.updates,
                          state_bytes=m.state_bytes, created=int(m.created), updated=int(m.updated),
-                         checkpoint=m.checkpoint, messages_logged=m.history_total)
+                         checkpoint=m.checkpoint, messages_logged=m.history_total,
+                         last_update_norms=m.last_update_norms)
 
 
 @router.get("/v1/sessions", response_model=SessionList)

@@ -55,6 +55,8 @@ class SessionMeta:
     checkpoint: str  # fingerprint of the checkpoint that made the state
     dtype: str  # float storage of the blob
     history_total: int = 0  # chat messages ever logged (the history keeps the last ones)
+    # per level, ||delta W|| / ||W|| of the session's latest memory update at that level
+    last_update_norms: dict[str, float] = field(default_factory=dict)
 
     def to_strings(self) -> dict[str, str]:
         return {"tenant": self.tenant, "session_id": self.session_id, "uid": self.uid,
@@ -62,7 +64,8 @@ class SessionMeta:
                 "updated": repr(self.updated), "tokens_absorbed": str(self.tokens_absorbed),
                 "updates": json.dumps(self.updates, sort_keys=True),
                 "state_bytes": str(self.state_bytes), "checkpoint": self.checkpoint,
-                "dtype": self.dtype, "history_total": str(self.history_total)}
+                "dtype": self.dtype, "history_total": str(self.history_total),
+                "last_update_norms": json.dumps(self.last_update_norms, sort_keys=True)}
 
     @classmethod
     def from_strings(cls, d: dict[str, str]) -> SessionMeta:
@@ -71,7 +74,8 @@ class SessionMeta:
                    updated=float(d["updated"]), tokens_absorbed=int(d["tokens_absorbed"]),
                    updates=json.loads(d["updates"]), state_bytes=int(d["state_bytes"]),
                    checkpoint=d["checkpoint"], dtype=d["dtype"],
-                   history_total=int(d.get("history_total", "0")))
+                   history_total=int(d.get("history_total", "0")),
+                   last_update_norms=json.loads(d.get("last_update_norms") or "{}"))
 
 
 @dataclass

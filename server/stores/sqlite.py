@@ -31,6 +31,7 @@ CREATE TABLE IF NOT EXISTS sessions (
     created REAL NOT NULL, updated REAL NOT NULL, tokens_absorbed INTEGER NOT NULL,
     updates TEXT NOT NULL, state_bytes INTEGER NOT NULL, checkpoint TEXT NOT NULL,
     dtype TEXT NOT NULL, history_total INTEGER NOT NULL, expires REAL NOT NULL,
+    last_update_norms TEXT NOT NULL DEFAULT '{}',
     PRIMARY KEY (tenant, session_id));
 CREATE TABLE IF NOT EXISTS blobs (
     tenant TEXT NOT NULL, session_id TEXT NOT NULL, state BLOB NOT NULL, history BLOB NOT NULL,
@@ -40,7 +41,7 @@ CREATE TABLE IF NOT EXISTS locks (
     expires REAL NOT NULL, PRIMARY KEY (tenant, session_id));
 """
 _META_COLS = ("tenant, session_id, uid, version, created, updated, tokens_absorbed, updates, "
-              "state_bytes, checkpoint, dtype, history_total")
+              "state_bytes, checkpoint, dtype, history_total, last_update_norms")
 _PURGE_EVERY = 200  # commits between sweeps of expired sessions
 
 
@@ -69,6 +70,9 @@ class SQLiteStore(StateStore):
             conn = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.executescript(_SCHEMA)
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(sessions)")}
+            if "last_update_norms" not in columns:  # a file made before that column existed
+                conn.execute("ALTER TABLE sessions ADD COLUMN last_update_norms TEXT NOT NULL DEFAULT '{}'")
             self._conn = conn
         return self._conn
 
@@ -138,19 +142,21 @@ class SQLiteStore(StateStore):
         m = record.meta
         if record.state is None:
             raise ValueError("a stored session needs its state")
-        values = (m.uid, m.version, m.created, m.updated, m.tokens_absorbed, m.to_strings()["updates"],
-                  m.state_bytes, m.checkpoint, m.dtype, m.history_total, self._expires())
+        strings = m.to_strings()
+        values = (m.uid, m.version, m.created, m.updated, m.tokens_absorbed, strings["updates"],
+                  m.state_bytes, m.checkpoint, m.dtype, m.history_total, strings["last_update_norms"],
+                  self._expires())
         if insert:
             try:
                 db.execute("INSERT INTO sessions (uid, version, created, updated, tokens_absorbed, updates, "
-                           "state_bytes, checkpoint, dtype, history_total, expires, tenant, session_id) "
-                           "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", (*values, m.tenant, m.session_id))
+                           "state_bytes, checkpoint, dtype, history_total, last_update_norms, expires, tenant, "
+                           "session_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", (*values, m.tenant, m.session_id))
             except sqlite3.IntegrityError:
                 return False
         else:
             changed = db.execute(
                 "UPDATE sessions SET uid=?, version=?, created=?, updated=?, tokens_absorbed=?, updates=?, "
-                "state_bytes=?, checkpoint=?, dtype=?, history_total=?, expires=? "
+                "state_bytes=?, checkpoint=?, dtype=?, history_total=?, last_update_norms=?, expires=? "
                 "WHERE tenant=? AND session_id=? AND version=?",
                 (*values, m.tenant, m.session_id, expected_version)).rowcount
             if not changed:

@@ -277,3 +277,15 @@ def test_mixture_stream() -> None:
         MixtureStream({"a": a}, {"b": 1.0})
     with pytest.raises(ValueError):
         MixtureStream({"a": a}, {"a": 0.0})
+
+
+def test_reread_rows_repeat_their_passage_after_a_distractor() -> None:
+    stream = TokenStream.from_tokens(np.arange(10_000, dtype=np.int64) % 5000)
+    reread = data.RereadStream([stream], passage=(20, 30))
+    rows = reread.sample_batch(6, 127, torch.Generator().manual_seed(3))
+    assert rows.shape == (6, 128)
+    for row in rows.tolist():
+        # the row ends with its own opening passage, whose length is in the asked range
+        p = next(n for n in range(20, 31) if row[:n] == row[-n:])
+        middle = row[p:-p]
+        assert len(middle) == 128 - 2 * p and middle != row[:len(middle)]
