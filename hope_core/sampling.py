@@ -32,10 +32,16 @@ class SamplingParams:
         return None if self.seed is None else torch.Generator().manual_seed(self.seed)
 
 
+GREEDY_BELOW = 1e-6  # a temperature or top_p this small is the greedy choice
+
+
 def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token id from logits [V] (any device; sampling happens on the CPU in float32)."""
+    """One token id from logits [V] (any device; sampling happens on the CPU in float32).
+
+    Vanishing values would break float32 sampling (logits / 1e-200 overflow; a top_p that rounds
+    to 0 drops every token); sampling that cold, or from a nucleus that small, is greedy."""
     logits = logits.detach().float().cpu()
-    if params.temperature == 0:
+    if params.temperature < GREEDY_BELOW or params.top_p < GREEDY_BELOW:
         return int(logits.argmax())
     logits = logits / params.temperature
     if params.top_k:

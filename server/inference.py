@@ -55,9 +55,6 @@ def resolve_session_id(body_id: str | None, header_id: str | None, user: str | N
     return sid
 
 
-SAMPLING_EPSILON = 1e-6  # a temperature or top_p below it samples greedily
-
-
 def sampling_params(ctx: Context, req: SamplingFields, max_tokens: int | None, param: str,
                     stop_token_ids: Sequence[int]) -> SamplingParams:
     s = ctx.settings
@@ -65,14 +62,8 @@ def sampling_params(ctx: Context, req: SamplingFields, max_tokens: int | None, p
     if n > s.max_tokens_limit:
         raise bad_request(f"{param} is {n}, the most this server generates is {s.max_tokens_limit}",
                           param=param, code="max_tokens_too_large")
-    temperature = 1.0 if req.temperature is None else req.temperature
-    top_p = 1.0 if req.top_p is None else req.top_p
-    # Vanishing values break float32 sampling (logits / 1e-200 overflow; top_p = 5e-324 rounds to 0
-    # and drops every token); sampling that cold, or a nucleus that small, is the greedy choice.
-    if temperature < SAMPLING_EPSILON or top_p < SAMPLING_EPSILON:
-        temperature = 0.0
-    return SamplingParams(max_tokens=n, temperature=temperature,
-                          top_p=max(top_p, SAMPLING_EPSILON), top_k=req.top_k, seed=req.seed,
+    return SamplingParams(max_tokens=n, temperature=1.0 if req.temperature is None else req.temperature,
+                          top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k, seed=req.seed,
                           stop=list(req.stop or []), stop_token_ids=[] if req.ignore_eos else list(stop_token_ids))
 
 
