@@ -123,21 +123,25 @@ class Engine:
     # ---- absorbing -----------------------------------------------------------------------
 
     def absorb(self, session: SessionState, tokens: Sequence[int],
-               learn: bool | Learning = True) -> AbsorbResult:
-        """Append tokens to the session's stream; chunks that close on the way are learned."""
+               learn: bool | Learning = True, score: bool = True) -> AbsorbResult:
+        """Append tokens to the session's stream; chunks that close on the way are learned.
+
+        With `score=False` no log-probabilities are computed (generation already has the
+        sampled token's from the logits it sampled from)."""
         learning = _learning(learn)
-        C = self.cfg.chunk
-        toks = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
-        if toks.numel() and (int(toks.min()) < 0 or int(toks.max()) >= self.cfg.vocab_size):
+        C, vocab = self.cfg.chunk, self.cfg.vocab_size
+        tokens = list(tokens)
+        if any(t < 0 or t >= vocab for t in tokens):
             raise ValueError("token id out of the vocabulary")
+        toks = torch.tensor([tokens], dtype=torch.long, device=self.device)
         state = session.state
         logprobs: list[float] = []
         updates: list[UpdateRecord] = []
+        n_open = int(state.n_open[0])  # tracked here: one device read per call, not per piece
         pos = 0
         with torch.no_grad():
-            while pos < toks.shape[1]:
-                n_open = int(state.n_open[0])
-                take = min(C - n_open, toks.shape[1] - pos)
+            while pos < len(tokens):
+                take = min(C - n_open, len(tokens) - pos)
                 piece = toks[:, pos:pos + take]
                 prev = state.last_hidden[:, None]
                 if n_open == 0 and take == C:  # a whole chunk: compute and learn it at once
@@ -145,10 +149,12 @@ class Engine:
                     updates += _records(metrics, 0)
                 else:
                     hidden, state, _ = self.model.forward_open(piece, state)
-                    if int(state.n_open[0]) == C:
+                    if n_open + take == C:
                         state, recs = self._commit(state, learning)
                         updates += recs.get(0, [])
-                logprobs += self._logprobs(torch.cat([prev, hidden[:, :-1]], 1), piece)
+                if score:
+                    logprobs += self._logprobs(torch.cat([prev, hidden[:, :-1]], 1), piece)
+                n_open = (n_open + take) % C
                 pos += take
         session.state = state
         return AbsorbResult(logprobs, updates)
@@ -216,7 +222,7 @@ class Engine:
             logits = self.next_logits(session)
             tok = sample(logits, params, gen)
             lp = float(F.log_softmax(logits, -1)[tok])
-            updates += self.absorb(session, [tok], learning).updates
+            updates += self.absorb(session, [tok], learning, score=False).updates
             ids.append(tok)
             logprobs.append(lp)
             if tok in stop_ids:

@@ -24,12 +24,12 @@ from typing import Any
 import httpx
 import redis
 
+from tests.server.support import make_checkpoint  # noqa: F401  (tests/deploy takes it from here)
+
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 NGINX_CONF = DEPLOY / "nginx" / "hope.conf"
 # a tiny random model: the tests are about the deployment, not the model
-TINY = dict(d_model=64, n_layers=2, n_heads=2, window=32, chunk=16, mid_period=32, mem_hidden=8,
-            slow_hidden=128, mid_hidden=16, fast_hidden=8)
 
 
 def free_port() -> int:
@@ -38,17 +38,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_checkpoint(path: Path, seed: int) -> Path:
-    """A tiny random checkpoint (the weights depend on `seed`, so does the fingerprint)."""
-    import torch
-
-    from hope_core.checkpoint import save_checkpoint
-    from hope_core.model import HopeConfig, HopeLM
-    from hope_core.tokenizer import HopeTokenizer
-
-    torch.manual_seed(seed)
-    save_checkpoint(path, HopeLM(HopeConfig(**TINY)), HopeTokenizer.default())
-    return path
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.1, what: str = "condition") -> None:

@@ -185,15 +185,11 @@ def hostile_states(blob: bytes, foreign_blob: bytes, other_arch_blob: bytes, mar
 @pytest.fixture(scope="module")
 def foreign_states(foreign_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, bytes]:
     """A state of another checkpoint of the same architecture, and one of another architecture."""
-    from hope_core.checkpoint import load_checkpoint, save_checkpoint
+    from hope_core.checkpoint import load_checkpoint
     from hope_core.engine import Engine
-    from hope_core.model import HopeConfig, HopeLM
-    from hope_core.tokenizer import HopeTokenizer
-    from tests.deploy.support import TINY
+    from tests.server.support import make_checkpoint
 
-    other = tmp_path_factory.mktemp("other-architecture")
-    torch.manual_seed(2)
-    save_checkpoint(other, HopeLM(HopeConfig(**{**TINY, "d_model": 32, "mem_hidden": 4})), HopeTokenizer.default())
+    other = make_checkpoint(tmp_path_factory.mktemp("other-architecture"), seed=2, d_model=32, mem_hidden=4)
     out = []
     for path in (foreign_checkpoint, other):
         engine = Engine(load_checkpoint(path))

@@ -12,18 +12,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
-from hope_core.checkpoint import save_checkpoint
-from hope_core.model import HopeConfig, HopeLM
-from hope_core.tokenizer import HopeTokenizer
-from tests.server.support import TINY, ServerProcess
+from tests.server.support import ServerProcess, make_checkpoint
 
 CHROMIUM = Path(os.environ.get("HOPE_TEST_CHROMIUM", "/usr/bin/chromium"))
 CHROMEDRIVER = Path(os.environ.get("HOPE_TEST_CHROMEDRIVER", "/usr/bin/chromedriver"))
 # inner learning rates far above the bundled model's: one reading of a message measurably lowers
 # the next reading's loss, even in a model whose slow weights are random
-FAST_LEARNER = dict(TINY, lr_fast=1.0, lr_mid=1.0)
+FAST_LEARNER = dict(lr_fast=1.0, lr_mid=1.0)  # a session that visibly learns
 
 
 def browser_missing() -> str | None:
@@ -40,10 +36,7 @@ def browser_missing() -> str | None:
 
 @pytest.fixture(scope="session")
 def learner_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("fast-learner-checkpoint")
-    torch.manual_seed(0)
-    save_checkpoint(path, HopeLM(HopeConfig(**FAST_LEARNER)), HopeTokenizer.default())
-    return path
+    return make_checkpoint(tmp_path_factory.mktemp("fast-learner-checkpoint"), **FAST_LEARNER)
 
 
 @pytest.fixture(scope="session")

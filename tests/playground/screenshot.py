@@ -14,13 +14,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
-from hope_core.checkpoint import DEFAULT_CHECKPOINT, WEIGHTS, save_checkpoint
-from hope_core.model import HopeConfig, HopeLM
-from hope_core.tokenizer import HopeTokenizer
+from hope_core.checkpoint import DEFAULT_CHECKPOINT, WEIGHTS
 from tests.playground.conftest import CHROMEDRIVER, CHROMIUM, FAST_LEARNER, browser_missing
-from tests.server.support import ROOT, ServerProcess
+from tests.server.support import ROOT, ServerProcess, make_checkpoint
 
 TURNS = ["My favourite colour is teal and my cat is called Pixel.",
          "My favourite colour is teal and my cat is called Pixel.",
@@ -49,9 +45,7 @@ def main() -> None:
         if checkpoint is None and (DEFAULT_CHECKPOINT / WEIGHTS).is_file():
             checkpoint = DEFAULT_CHECKPOINT
         if checkpoint is None:
-            checkpoint = Path(tmp) / "tiny"
-            torch.manual_seed(0)
-            save_checkpoint(checkpoint, HopeLM(HopeConfig(**FAST_LEARNER)), HopeTokenizer.default())
+            checkpoint = make_checkpoint(Path(tmp) / "tiny", **FAST_LEARNER)
         print(f"checkpoint: {checkpoint}")
         server = ServerProcess(checkpoint, "memory://", Path(tmp) / "server.log")
         options = webdriver.ChromeOptions()

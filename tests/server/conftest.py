@@ -14,21 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from hope_core.checkpoint import load_checkpoint, save_checkpoint
+from hope_core.checkpoint import load_checkpoint
 from hope_core.engine import Engine
-from hope_core.model import HopeConfig, HopeLM
-from hope_core.tokenizer import HopeTokenizer
 from server.app import load_engine
 from server.settings import Settings
-from tests.server.support import REDIS_URL, TINY, ServerProcess, delete_prefix, redis_available
+from tests.server.support import REDIS_URL, ServerProcess, delete_prefix, make_checkpoint, redis_available
 
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-checkpoint")
-    torch.manual_seed(0)
-    save_checkpoint(path, HopeLM(HopeConfig(**TINY)), HopeTokenizer.default())
-    return path
+    return make_checkpoint(tmp_path_factory.mktemp("tiny-checkpoint"))
 
 
 @pytest.fixture(scope="session")
@@ -40,10 +35,7 @@ def engine(tiny_checkpoint: Path) -> Engine:
 @pytest.fixture(scope="session")
 def other_engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
     """A second checkpoint (other weights, so another fingerprint): its states are foreign."""
-    path = tmp_path_factory.mktemp("other-checkpoint")
-    torch.manual_seed(1)
-    save_checkpoint(path, HopeLM(HopeConfig(**TINY)), HopeTokenizer.default())
-    return Engine(load_checkpoint(path))
+    return Engine(load_checkpoint(make_checkpoint(tmp_path_factory.mktemp("other-checkpoint"), seed=1)))
 
 
 @pytest.fixture

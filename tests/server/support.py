@@ -27,6 +27,19 @@ TINY = dict(d_model=64, n_layers=2, n_heads=2, window=32, chunk=16, mid_period=3
             slow_hidden=128, mid_hidden=16, fast_hidden=8)
 
 
+def make_checkpoint(path: Path, seed: int = 0, **overrides: Any) -> Path:
+    """A tiny random checkpoint (its weights, and so its fingerprint, depend on `seed`)."""
+    import torch
+
+    from hope_core.checkpoint import save_checkpoint
+    from hope_core.model import HopeConfig, HopeLM
+    from hope_core.tokenizer import HopeTokenizer
+
+    torch.manual_seed(seed)
+    save_checkpoint(path, HopeLM(HopeConfig(**(TINY | overrides))), HopeTokenizer.default())
+    return path
+
+
 # ---- Redis ---------------------------------------------------------------------------------------
 
 def redis_available() -> bool:
