@@ -12,6 +12,7 @@ COMMANDS = {
     "train": ("hope_core.train", "pre-train the slow weights (HOPE.md 2.3)"),
     "eval": ("hope_core.evaluate", "held-out loss, re-read gain, ablations, decode speed"),
     "serve": ("server.cli", "the OpenAI-compatible memory server"),
+    "bench": ("bench.cli", "benchmarks: decode speed, concurrency, state I/O, baselines"),
 }
 
 

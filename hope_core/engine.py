@@ -42,6 +42,14 @@ class AbsorbResult:
 
 
 @dataclass
+class PromptAbsorbed:
+    """A request's prompt is in the session: its tokens and each one's log-probability."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+
+
+@dataclass
 class TokenEvent:
     token_id: int
     text: str  # text that became final with this token (may be empty: held back or partial UTF-8)
@@ -82,6 +90,44 @@ class Generation:
         return self._holder[0]
 
 
+class TextStream:
+    """A generation's tokens turned into text as they come: stop tokens and strings, held-back
+    text, max_tokens. Shared by `Engine.generate` and the scheduler, so both end a generation
+    at the same token with the same text."""
+
+    def __init__(self, tokenizer, params: SamplingParams) -> None:
+        self.params = params
+        self.stop_ids = set(params.stop_token_ids)
+        self.decoder = tokenizer.stream_decoder(skip_special=True)
+        self.stops = StopMatcher(params.stop)
+        self.ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.text = ""
+        self.finish = "length"
+        self.finished = params.max_tokens == 0
+
+    def push(self, tok: int, lp: float) -> TokenEvent:
+        """Account for one generated (and already absorbed) token; returns its event."""
+        self.ids.append(tok)
+        self.logprobs.append(lp)
+        if tok in self.stop_ids:
+            out = self.stops.push(self.decoder.flush())[0] + self.stops.flush()
+            self.finish, self.finished = "stop", True
+        else:
+            out, hit = self.stops.push(self.decoder.push(tok))
+            if not hit and len(self.ids) == self.params.max_tokens:  # the last token: release held text
+                more, hit = self.stops.push(self.decoder.flush())
+                out += more if hit else more + self.stops.flush()
+            if hit:
+                self.finish = "stop"
+            self.finished = hit or len(self.ids) >= self.params.max_tokens
+        self.text += out
+        return TokenEvent(tok, out, lp)
+
+    def result(self, updates: list[UpdateRecord]) -> GenerationResult:
+        return GenerationResult(self.ids, self.text, self.finish, self.logprobs, updates)
+
+
 def _learning(learn: bool | Learning) -> Learning:
     if isinstance(learn, Learning):
         return learn
@@ -98,14 +144,27 @@ def _records(m: ChunkMetrics, row: int) -> list[UpdateRecord]:
 
 
 class Engine:
-    def __init__(self, checkpoint: Checkpoint | None = None, device: str | torch.device = "cpu") -> None:
+    def __init__(self, checkpoint: Checkpoint | None = None, device: str | torch.device = "cpu",
+                 bf16: bool | None = None) -> None:
+        """On CUDA (or with `bf16`) the slow weights are kept in bfloat16 and the forward runs
+        under autocast; the session's memories stay float32, the precision their small
+        updates need."""
         self.device = torch.device(device)
         self.checkpoint = checkpoint or load_checkpoint(device=self.device)
-        self.model: HopeLM = self.checkpoint.model.to(self.device).eval().requires_grad_(False)
+        self.autocast = self.device.type == "cuda" if bf16 is None else bf16
+        model = self.checkpoint.model.to(self.device)
+        if self.autocast:
+            model = model.to(torch.bfloat16)
+        self.model: HopeLM = model.eval().requires_grad_(False)
         self.tokenizer = self.checkpoint.tokenizer
         self.fingerprint = self.checkpoint.fingerprint
         self.cfg = self.model.cfg
         self._fresh: State | None = None
+
+    def amp(self):
+        """The autocast context every forward runs in (a no-op in float32)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast,
+                              cache_enabled=False)
 
     # ---- sessions ------------------------------------------------------------------------
 
@@ -139,7 +198,7 @@ class Engine:
         updates: list[UpdateRecord] = []
         n_open = int(state.n_open[0])  # tracked here: one device read per call, not per piece
         pos = 0
-        with torch.no_grad():
+        with torch.no_grad(), self.amp():
             while pos < len(tokens):
                 take = min(C - n_open, len(tokens) - pos)
                 piece = toks[:, pos:pos + take]
@@ -158,6 +217,41 @@ class Engine:
                 pos += take
         session.state = state
         return AbsorbResult(logprobs, updates)
+
+    def absorb_batch(self, sessions: Sequence[SessionState], pieces: Sequence[Sequence[int]],
+                     learn: bool | Learning = True) -> list[AbsorbResult]:
+        """`absorb(sessions[i], pieces[i])` for every i in one batched forward (batched prefill).
+
+        The pieces have one length and none crosses a chunk boundary (each session's open
+        tokens plus its piece fit in one chunk); pieces that close a chunk are learned together."""
+        learning = _learning(learn)
+        C = self.cfg.chunk
+        T = len(pieces[0]) if pieces else 0
+        if not T or any(len(p) != T for p in pieces):
+            raise ValueError("absorb_batch takes non-empty pieces of one length")
+        toks = torch.tensor([list(p) for p in pieces], dtype=torch.long, device=self.device)
+        if bool(((toks < 0) | (toks >= self.cfg.vocab_size)).any()):
+            raise ValueError("token id out of the vocabulary")
+        batch = State.cat([s.state for s in sessions])
+        if bool((batch.n_open + T > C).any()):
+            raise ValueError("a piece crosses a chunk boundary")
+        with torch.no_grad(), self.amp():
+            if T == C:  # whole chunks from a boundary: compute and learn them at once
+                hidden, done, metrics = self.model.learn_chunk(toks, batch, learning)
+                recs = {i: _records(metrics, i) for i in range(len(sessions))}
+            else:
+                hidden, done, _ = self.model.forward_open(toks, batch)
+                recs = {}
+                if bool((done.n_open == C).any()):
+                    done, recs = self._commit(done, learning)
+            prev = torch.cat([batch.last_hidden[:, None], hidden[:, :-1]], 1)
+            logp = F.log_softmax(self.model.logits(prev).float(), -1)
+            lps = logp.gather(-1, toks[..., None])[..., 0].tolist()
+        results = []
+        for i, session in enumerate(sessions):
+            session.state = done.select(torch.tensor([i], device=self.device))
+            results.append(AbsorbResult(lps[i], recs.get(i, [])))
+        return results
 
     def _commit(self, state: State, learning: Learning
                 ) -> tuple[State, dict[int, list[UpdateRecord]]]:
@@ -191,7 +285,7 @@ class Engine:
     # ---- generating ----------------------------------------------------------------------
 
     def next_logits(self, session: SessionState) -> Tensor:
-        with torch.no_grad():
+        with torch.no_grad(), self.amp():
             return self.model.logits(session.state.last_hidden)[0].float()
 
     def generate(self, session: SessionState, prompt: Sequence[int], params: SamplingParams,
@@ -211,36 +305,14 @@ class Engine:
                   learning: Learning, holder: list[GenerationResult]) -> Iterator[TokenEvent]:
         updates = self.absorb(session, prompt, learning).updates if prompt else []
         gen = params.generator()
-        stop_ids = set(params.stop_token_ids)
-        decoder = self.tokenizer.stream_decoder(skip_special=True)
-        stops = StopMatcher(params.stop)
-        ids: list[int] = []
-        logprobs: list[float] = []
-        text = ""
-        finish = "length"
-        while len(ids) < params.max_tokens:
+        text = TextStream(self.tokenizer, params)
+        while not text.finished:
             logits = self.next_logits(session)
             tok = sample(logits, params, gen)
             lp = float(F.log_softmax(logits, -1)[tok])
             updates += self.absorb(session, [tok], learning, score=False).updates
-            ids.append(tok)
-            logprobs.append(lp)
-            if tok in stop_ids:
-                finish = "stop"
-                out = stops.push(decoder.flush())[0] + stops.flush()
-                text += out
-                yield TokenEvent(tok, out, lp)
-                break
-            out, hit = stops.push(decoder.push(tok))
-            if not hit and len(ids) == params.max_tokens:  # the last token: release held text
-                more, hit = stops.push(decoder.flush())
-                out += more if hit else more + stops.flush()
-            text += out
-            yield TokenEvent(tok, out, lp)
-            if hit:
-                finish = "stop"
-                break
-        holder.append(GenerationResult(ids, text, finish, logprobs, updates))
+            yield text.push(tok, lp)
+        holder.append(text.result(updates))
 
     # ---- several sessions in one step --------------------------------------------------------
 
@@ -252,7 +324,7 @@ class Engine:
         learning = _learning(learn)
         if bool((batch.n_open >= self.cfg.chunk).any()):
             raise ValueError("a session in the batch has an uncommitted full chunk")
-        with torch.no_grad():
+        with torch.no_grad(), self.amp():
             tokens = tokens.view(-1, 1).to(self.device, torch.long)
             _, state, _ = self.model.forward_open(tokens, batch)
             recs: dict[int, list[UpdateRecord]] = {}

@@ -48,7 +48,10 @@ class EvalConfig:
     sources: tuple[str, ...] = ("python_docs", "shakespeare", "fortunes")
 
 
-def heldout_streams(engine: Engine, ec: EvalConfig, cache_dir: Path) -> dict[str, data.TokenStream]:
+def heldout_streams(engine: Engine, ec: EvalConfig, cache_dir: Path,
+                    token_dir: Path | None = None) -> dict[str, data.TokenStream]:
+    if token_dir is not None:  # packed by `hope train --export-tokens`: the same held-out documents
+        return {s: data.TokenStream.load(token_dir / f"{s}-heldout.npy") for s in ec.sources}
     docs = {s: data.load_corpus("heldout", (s,), cache_dir) for s in ec.sources}
     return {s: data.TokenStream.cached(engine.tokenizer, d, cache_dir, name=f"eval-{s}")
             for s, d in docs.items() if d}
@@ -108,8 +111,9 @@ def decode_speed(engine: Engine, learning: Learning, n_tokens: int) -> float:
 
 
 def evaluate(engine: Engine, ec: EvalConfig, cache_dir: Path, compare: Engine | None = None,
-             log=print) -> dict:
-    streams = heldout_streams(engine, ec, cache_dir)
+             log=print, token_dir: Path | None = None,
+             ablations_to_run: dict[str, Learning] | None = None) -> dict:
+    streams = heldout_streams(engine, ec, cache_dir, token_dir)
     windows: list[list[int]] = []
     for stream in streams.values():
         for batch in stream.iter_windows(1, ec.window_tokens - 1, ec.windows_per_source):
@@ -127,7 +131,7 @@ def evaluate(engine: Engine, ec: EvalConfig, cache_dir: Path, compare: Engine | 
         "reread_passages": len(episodes),
     }
     ablations: dict[str, dict] = {}
-    for name, learning in ABLATIONS.items():
+    for name, learning in (ablations_to_run or ABLATIONS).items():
         t = time.perf_counter()
         loss = heldout_loss(engine, windows, learning)
         gain, reread, fresh = reread_gain(engine, episodes, learning)
@@ -196,6 +200,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--markdown", help="write the results table to this file")
     p.add_argument("--quick", action="store_true", help="fewer windows and passages")
     p.add_argument("--cache-dir", default=str(data.DEFAULT_CACHE_DIR))
+    p.add_argument("--token-dir", help="held-out tokens packed by `hope train --export-tokens`")
+    p.add_argument("--no-ablations", action="store_true", help="only learning on and off")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a serving-time config field (e.g. lr_fast=0.05)")
     a = p.parse_args(argv)
@@ -206,7 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     engine = Engine(load_checkpoint(a.checkpoint, a.device, overrides), a.device)
     compare = Engine(load_checkpoint(a.compare, a.device), a.device) if a.compare else None
     log = (lambda *x: print(*x, file=sys.stderr)) if a.json else print
-    r = evaluate(engine, ec, Path(a.cache_dir), compare, log)
+    runs = {k: ABLATIONS[k] for k in ("full", "slow_only")} if a.no_ablations else None
+    r = evaluate(engine, ec, Path(a.cache_dir), compare, log, Path(a.token_dir) if a.token_dir else None, runs)
     if a.markdown:
         Path(a.markdown).write_text(markdown(r))
     if a.json:

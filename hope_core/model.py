@@ -197,7 +197,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
 
 
 def rope(x: Tensor, pos: Tensor, base: float) -> Tensor:
@@ -531,7 +531,12 @@ class HopeLM(nn.Module):
             last_hidden=torch.zeros(batch, self.cfg.d_model, device=dev),
             updates=torch.zeros(batch, len(LEVELS), dtype=torch.long, device=dev),
         )
-        return state if training else state.detach()
+        if training:
+            return state
+        # session memories are at least float32 even when the slow weights are bfloat16: their
+        # updates are small relative to the weights and would round away
+        dtype = torch.promote_types(self.embed.weight.dtype, torch.float32)
+        return state.map(lambda v: v.detach().to(dtype) if v.is_floating_point() else v.detach())
 
     def logits(self, hidden: Tensor) -> Tensor:
         h = self.norm(hidden)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 
 import torch
@@ -28,33 +29,59 @@ class SamplingParams:
         if self.top_k < 0:
             raise ValueError("top_k must be >= 0")
 
-    def generator(self) -> torch.Generator | None:
-        return None if self.seed is None else torch.Generator().manual_seed(self.seed)
+    def generator(self) -> random.Random | None:
+        """The request's own random numbers (one uniform per sampled token), or None: unseeded."""
+        return None if self.seed is None else random.Random(self.seed)
 
 
 GREEDY_BELOW = 1e-6  # a temperature or top_p this small is the greedy choice
 
 
-def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token id from logits [V] (any device; sampling happens on the CPU in float32).
+def is_greedy(params: SamplingParams) -> bool:
+    """Vanishing values would break float32 sampling (logits / 1e-200 overflow; a top_p that
+    rounds to 0 drops every token): sampling that cold, or from a nucleus that small, is greedy."""
+    return params.temperature < GREEDY_BELOW or params.top_p < GREEDY_BELOW
 
-    Vanishing values would break float32 sampling (logits / 1e-200 overflow; a top_p that rounds
-    to 0 drops every token); sampling that cold, or from a nucleus that small, is greedy."""
-    logits = logits.detach().float().cpu()
-    if params.temperature < GREEDY_BELOW or params.top_p < GREEDY_BELOW:
-        return int(logits.argmax())
-    logits = logits / params.temperature
-    if params.top_k:
-        kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1:
-        sorted_logits, order = torch.sort(logits, descending=True)
+
+_UNSEEDED = random.Random()  # draws for requests without a seed
+
+
+def sample(logits: Tensor, params: SamplingParams, generator: random.Random | None) -> int:
+    """One token id from logits [V]: `sample_rows` on a batch of one."""
+    return sample_rows(logits[None], [params], [generator])[0]
+
+
+def sample_rows(logits: Tensor, params: list[SamplingParams],
+                generators: list[random.Random | None]) -> list[int]:
+    """One token id per row of logits [B, V] (any device), each row with its own parameters.
+
+    Rows are sampled together by inverse CDF: row i takes the first token whose cumulative
+    probability reaches u_i, where u_i is drawn from that row's own generator. A seeded
+    request therefore gets the same tokens alone and inside any batch. One device read."""
+    V = logits.shape[1]
+    greedy = torch.tensor([is_greedy(p) for p in params])
+    if bool(greedy.all()):
+        return logits.argmax(-1).tolist()
+    dev = logits.device
+    u = torch.tensor([(g or _UNSEEDED).random() for g in generators]).to(dev, non_blocking=True)
+    temp = torch.tensor([1.0 if is_greedy(p) else p.temperature for p in params], device=dev)
+    top_k = torch.tensor([p.top_k or V for p in params], device=dev)
+    top_p = torch.tensor([p.top_p for p in params], device=dev)
+    scaled = logits.float() / temp[:, None]
+    if bool((top_k < V).any() or (top_p < 1).any()):
+        # the nucleus is found in sorted order but applied in vocabulary order: the cumulative
+        # distribution sampled from must not depend on which other rows share the batch
+        sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)
+        rank = torch.arange(V, device=dev)
+        sorted_logits = sorted_logits.masked_fill(rank[None] >= top_k[:, None], float("-inf"))
         probs = torch.softmax(sorted_logits, -1)
         # drop a token when the mass before it already reaches top_p (the first always stays)
-        drop = torch.cumsum(probs, -1) - probs >= params.top_p
-        logits[order[drop]] = float("-inf")
-    probs = torch.softmax(logits, -1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+        drop = (torch.cumsum(probs, -1) - probs >= top_p[:, None]) | (rank[None] >= top_k[:, None])
+        scaled = scaled.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
+    cdf = torch.cumsum(torch.softmax(scaled, -1), -1)
+    pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp_max(V - 1)[:, 0]
+    pick = torch.where(greedy.to(dev), logits.argmax(-1), pick)
+    return pick.tolist()
 
 
 class StopMatcher:

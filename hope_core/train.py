@@ -44,6 +44,10 @@ class TrainConfig:
     steps: int = 2000
     max_minutes: float = 0.0  # 0: no time budget
     lr: float = 3e-3
+    # lr multiplier of the session CMS levels' initial weights (fast/mid up0, down0): their inner
+    # steps are stop-gradient, so the outer optimiser moves them without seeing how the inner
+    # updates answer; a smaller step keeps the two from chasing each other (docs/training.md)
+    session_init_lr_scale: float = 1.0
     min_lr_ratio: float = 0.1
     warmup_steps: int = 30
     weight_decay: float = 0.05
@@ -58,8 +62,15 @@ class TrainConfig:
     log_every: int = 5
     device: str = "auto"
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    # CUDA, one process: capture the whole training step (forward with the inner updates,
+    # backward, clipping, AdamW) as one CUDA graph; the model is small enough that launching
+    # its kernels one by one, not computing them, is what costs
+    cuda_graph: bool = False
     tokenizer: str = str(DEFAULT_TOKENIZER_PATH)
     cache_dir: str = str(data.DEFAULT_CACHE_DIR)
+    # packed token streams written by `hope train --export-tokens DIR`: train where the raw
+    # sources are not installed (a GPU machine with no network)
+    token_dir: str = ""
 
 
 def load_config(path: str | Path | None) -> tuple[HopeConfig, TrainConfig]:
@@ -87,6 +98,9 @@ def build_streams(tc: TrainConfig, tokenizer: HopeTokenizer, split: data.Split) 
     for source in tc.sources:
         if source == "reread":
             continue
+        if tc.token_dir:
+            streams[source] = data.TokenStream.load(Path(tc.token_dir) / f"{source}-{split}.npy")
+            continue
         if source == "synthetic":
             n = tc.n_synthetic if split == "train" else max(50, tc.n_synthetic // 20)
             docs = data.load_synthetic(split, n, tc.synthetic_distractor_tokens * data.CHARS_PER_TOKEN,
@@ -100,6 +114,51 @@ def build_streams(tc: TrainConfig, tokenizer: HopeTokenizer, split: data.Split) 
     # an episode must be read from its start, or its fact is cut off
     return data.MixtureStream(streams, tc.sources, aligned={"synthetic"} & set(tc.sources),
                               bos_id=tokenizer.bos_id)
+
+
+def session_init(name: str) -> bool:
+    """The initial weights of a session CMS level (fast/mid up0, down0)."""
+    return name.endswith(("fast.up0", "fast.down0", "mid.up0", "mid.down0"))
+
+
+def make_optimizer(model: HopeLM, tc: TrainConfig, capturable: bool = False) -> torch.optim.AdamW:
+    """AdamW; matrices decay, vectors and embeddings do not; the session levels' initial weights
+    step at `session_init_lr_scale` of the rate. A capturable optimiser keeps its learning
+    rates as device tensors, so a CUDA graph replays the step with the current rate."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for n, p in model.named_parameters():
+        decays = p.dim() >= 2 and "embed" not in n
+        groups.setdefault((decays, session_init(n)), []).append(p)
+    dev = next(model.parameters()).device
+    param_groups = []
+    for (decays, init), params in groups.items():
+        scale = tc.session_init_lr_scale if init else 1.0
+        lr = torch.tensor(tc.lr * scale, device=dev) if capturable else tc.lr * scale
+        param_groups.append({"params": params, "weight_decay": tc.weight_decay if decays else 0.0,
+                             "lr": lr, "lr_scale": scale})
+    return torch.optim.AdamW(param_groups, lr=tc.lr, betas=(0.9, 0.95), fused=dev.type == "cuda",
+                             capturable=capturable)
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr * group["lr_scale"])
+        else:
+            group["lr"] = lr * group["lr_scale"]
+
+
+def export_tokens(tc: TrainConfig, tokenizer: HopeTokenizer, out: Path) -> list[Path]:
+    """Write every source's packed tokens of both splits as `{source}-{split}.npy` in `out`."""
+    written = []
+    for split in ("train", "heldout"):
+        mix = build_streams(tc, tokenizer, split)  # type: ignore[arg-type]
+        for name, stream in mix.streams.items():
+            if isinstance(stream, data.TokenStream):
+                path = out / f"{name}-{split}.npy"
+                stream.save(path)
+                written.append(path)
+    return written
 
 
 def save_trainer_state(path: Path, opt: torch.optim.Optimizer, progress: dict) -> None:
@@ -200,11 +259,8 @@ def train(cfg: HopeConfig, tc: TrainConfig, resume: bool = False) -> Path:
     heldout_stream = build_streams(tc, tokenizer, "heldout")
 
     model = HopeLM(cfg).to(device)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "embed" in n]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=tc.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    graphed = tc.cuda_graph and device.type == "cuda" and not distributed
+    opt = make_optimizer(model, tc, capturable=graphed)
     step, tokens_seen, elapsed = 0, 0, 0.0
     if resume and (out / "progress.json").is_file():
         from safetensors.torch import load_file as _load
@@ -216,7 +272,8 @@ def train(cfg: HopeConfig, tc: TrainConfig, resume: bool = False) -> Path:
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
 
     def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda",
+                              cache_enabled=not graphed)
 
     gen = torch.Generator().manual_seed(tc.seed * 1000 + rank + step)
     n_params = sum(p.numel() for p in model.parameters())
@@ -227,50 +284,104 @@ def train(cfg: HopeConfig, tc: TrainConfig, resume: bool = False) -> Path:
     progress = Progress(tc, out, step, elapsed)
     world = dist.get_world_size() if distributed else 1
     last_loss, window_tokens = float("nan"), 0
+    best = float("inf")
 
-    def save() -> None:
+    def save(heldout: float | None = None) -> None:
+        nonlocal best
         if rank != 0:
             return
         meta = {"steps": step, "tokens_seen": tokens_seen, "elapsed_s": round(progress.elapsed, 1),
                 "train_config": asdict(tc), "params": n_params, "last_loss": last_loss}
+        if heldout is not None:
+            meta["heldout_loss"] = heldout
         save_checkpoint(out / "checkpoint", model, tokenizer, training=meta)
         save_trainer_state(out, opt, {"step": step, "tokens_seen": tokens_seen,
                                       "elapsed_s": progress.elapsed, "last_loss": last_loss})
+        if heldout is not None and heldout < best:  # the run may overshoot: keep its best point
+            best = heldout
+            save_checkpoint(out / "best", model, tokenizer, training=meta)
 
+    batch_buf = torch.zeros(tc.batch_size, tc.seq_len + 1, dtype=torch.long, device=device)
+
+    def train_step() -> torch.Tensor:
+        with autocast():
+            loss = ddp_model(batch_buf[:, :-1], batch_buf[:, 1:]).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        opt.step()
+        return loss.detach()
+
+    graph: torch.cuda.CUDAGraph | None = None
+    graph_loss: torch.Tensor | None = None
     while step < tc.steps:
         if tc.max_minutes > 0 and progress.elapsed >= tc.max_minutes * 60:
             break
         lr = lr_at(tc, step, progress.elapsed)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        batch = train_stream.sample_batch(tc.batch_size, tc.seq_len, gen).to(device)
+        set_lr(opt, lr)
+        batch_buf.copy_(train_stream.sample_batch(tc.batch_size, tc.seq_len, gen), non_blocking=True)
         model.train()
-        with autocast():
-            loss = ddp_model(batch[:, :-1], batch[:, 1:]).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        opt.step()
+        if graph is not None:
+            graph.replay()
+            loss = graph_loss
+        else:
+            opt.zero_grad(set_to_none=True)
+            loss = train_step()
         step += 1
+        if graphed and graph is None and step >= 3:
+            graph, graph_loss = capture_step(train_step, opt, rank)
         tokens_seen += tc.batch_size * tc.seq_len * world
         window_tokens += tc.batch_size * tc.seq_len * world
-        last_loss = float(loss.detach())
         if step % tc.log_every == 0 or step == tc.steps:
+            last_loss = float(loss)
             extra = None
             if tc.eval_every and step % tc.eval_every == 0:
                 model.eval()
                 extra = {"heldout_loss": heldout_loss(model, heldout_stream, tc, device, autocast)}
-                save()
+                save(extra["heldout_loss"])
             if rank == 0:
                 progress.log(step, last_loss, lr, window_tokens, extra)
             window_tokens = 0
-    save()
+    final = None
+    if tc.eval_every:  # the end of the run competes for "best" too
+        model.eval()
+        final = heldout_loss(model, heldout_stream, tc, device, autocast)
+        if rank == 0:
+            print(f"final held-out loss {final:.4f}", file=sys.stderr, flush=True)
+    save(final)
     if distributed:
         dist.destroy_process_group()
     if rank == 0:
         print(f"done: {step} steps, {tokens_seen:,} tokens, {_hms(progress.elapsed)}; "
               f"checkpoint in {out / 'checkpoint'}", file=sys.stderr)
     return out / "checkpoint"
+
+
+def capture_step(train_step, opt: torch.optim.Optimizer, rank: int
+                 ) -> tuple[torch.cuda.CUDAGraph | None, torch.Tensor | None]:
+    """Capture one whole training step (PyTorch's whole-network recipe: gradients set to None
+    before capture are allocated inside the graph). After three eager steps have warmed the
+    optimiser state (plus one on a side stream). Falls back to eager steps (returns None) if
+    capture fails."""
+    try:
+        side = torch.cuda.Stream()  # warm up on a side stream, as capture will run there too
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            opt.zero_grad(set_to_none=True)
+            train_step()
+        torch.cuda.current_stream().wait_stream(side)
+        opt.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            loss = train_step()
+        if rank == 0:
+            print("training step captured as a CUDA graph", file=sys.stderr, flush=True)
+        return graph, loss
+    except Exception as e:  # e.g. an op that syncs with the host: train eagerly
+        print(f"CUDA graph capture failed ({type(e).__name__}: {e}); training eagerly",
+              file=sys.stderr, flush=True)
+        torch.cuda.synchronize()
+        opt.zero_grad(set_to_none=True)
+        return None, None
 
 
 def summarize(run_dir: str | Path, every: int = 50) -> str:
@@ -299,11 +410,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--summary", metavar="RUN_DIR", help="print a run's loss curve as markdown and exit")
+    p.add_argument("--export-tokens", metavar="DIR", help="write the config's packed token streams to DIR and exit")
+    p.add_argument("--token-dir", help="read packed token streams from DIR (overrides train.token_dir)")
     a = p.parse_args(argv)
     if a.summary:
         print(summarize(a.summary), end="")
         return
     cfg, tc = load_config(a.config)
+    if a.token_dir:
+        tc.token_dir = a.token_dir
+    if a.export_tokens:
+        tokenizer = HopeTokenizer.from_file(tc.tokenizer)
+        for path in export_tokens(tc, tokenizer, Path(a.export_tokens)):
+            print(f"{path} ({path.stat().st_size:,} bytes)")
+        return
     if a.out:
         tc.out_dir = a.out
     if a.steps:

@@ -9,11 +9,13 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import torch
 from fastapi import FastAPI, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hope_core.checkpoint import load_checkpoint
 from hope_core.engine import Engine
+from hope_core.scheduler import Scheduler, StepStats
 from server.context import Context
 from server.errors import APIError, install_error_handlers
 from server.metrics import Metrics
@@ -26,6 +28,8 @@ log = logging.getLogger("hope.server")
 
 
 def load_engine(settings: Settings) -> Engine:
+    # only the scheduler's thread runs multi-threaded torch work (see hope_core.scheduler)
+    torch.set_num_threads(1)
     device = settings.resolved_device()
     checkpoint = load_checkpoint(settings.checkpoint, device=device)
     engine = Engine(checkpoint, device=device)
@@ -39,6 +43,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     """The app; `engine` may be given (tests share one), else the lifespan loads the checkpoint."""
     settings = settings or Settings()
     ctx = Context(settings=settings, metrics=Metrics())
+    threads = settings.threads or torch.get_num_threads()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -54,6 +59,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         except StoreUnavailable as e:  # serve anyway: /readyz says so, requests get 503 until it is back
             log.warning("session store unreachable at start-up", extra={"store": settings.store, "error": str(e)})
         ctx.sessions = SessionManager(eng, ctx.store, settings, ctx.metrics)
+        ctx.scheduler = Scheduler(eng, max_batch=settings.max_batch_size,
+                                  prefill_tokens=settings.prefill_chunk_tokens, threads=threads,
+                                  on_step=lambda stats: _count_step(ctx.metrics, stats)).start()
         if not settings.auth_enabled and not settings.loopback_only:
             log.warning("no HOPE_API_KEYS set and listening beyond loopback: anyone who can reach "
                         f"{settings.host}:{settings.port} can read and change every session")
@@ -64,6 +72,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             yield
         finally:
             await ctx.sessions.close()
+            await asyncio.to_thread(ctx.scheduler.stop)
             await ctx.store.close()
 
     app = FastAPI(title="HOPE memory server", version="0.1.0", lifespan=lifespan,
@@ -82,6 +91,12 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, state_limit=settings.max_state_bytes,
                        on_refuse=lambda: ctx.metrics.request_failure.labels("too_large").inc())
     return app
+
+
+def _count_step(metrics: Metrics, stats: StepStats) -> None:
+    metrics.scheduler_steps.inc()
+    if stats.batch_size:
+        metrics.batch_size.observe(stats.batch_size)
 
 
 def _redact(url: str) -> str:

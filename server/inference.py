@@ -1,7 +1,8 @@
 """What chat and completions share: request checks, running a turn on the engine, SSE plumbing.
 
-A turn's engine work runs on a worker thread (server.worker): absorb the prompt, generate token
-by token (each token absorbed as it is produced), and for chat close the assistant's turn. The
+A turn's engine work is a job for the engine's scheduler (server.worker), batched with every
+other request's: absorb the prompt, generate token by token (each token absorbed as it is
+produced), and for chat close the assistant's turn. The
 async side receives the prompt's log-probabilities and then each `TokenEvent` as it is made,
 streams them, and commits the session only after the last one, if the client is still there.
 """
@@ -12,7 +13,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,15 +22,15 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from hope_core.engine import Engine, GenerationResult, TokenEvent, UpdateRecord
+from hope_core.engine import GenerationResult, PromptAbsorbed, TokenEvent, UpdateRecord
 from hope_core.sampling import SamplingParams
-from hope_core.state import SessionState
+from hope_core.scheduler import Job
 from server.context import Context
 from server.errors import APIError, bad_request, not_found, too_large
 from server.schemas import SamplingFields, SessionInfo, Surprise
 from server.sessions import Turn
 from server.stores.base import SESSION_ID_RE
-from server.worker import Emit, Stopped, ThreadStream
+from server.worker import JobStream, Stopped
 
 log = logging.getLogger("hope.server")
 
@@ -73,7 +74,7 @@ def check_prompt_size(ctx: Context, n_tokens: int) -> None:
                         param="messages", code="prompt_too_long")
 
 
-# ---- the engine side of a turn (runs on a worker thread) -------------------------------------
+# ---- the engine side of a turn (runs in the scheduler, batched with other requests) ------------
 
 @dataclass
 class Plan:
@@ -84,43 +85,10 @@ class Plan:
 
 
 @dataclass
-class PromptAbsorbed:
-    token_ids: list[int]
-    logprobs: list[float]
-
-
-@dataclass
 class Output:
     prompt_logprobs: list[float]
     result: GenerationResult | None  # None when max_tokens is 0 (scoring only)
     updates: list[UpdateRecord] = field(default_factory=list)
-
-
-def produce(engine: Engine, work: SessionState, plan: Plan) -> Callable[[Emit], Output]:
-    """The engine work of a turn, for a worker thread; `emit` hands each result to the request."""
-
-    def run(emit: Emit) -> Output:
-        absorbed = engine.absorb(work, plan.prompt, plan.learn)
-        emit(PromptAbsorbed(plan.prompt, absorbed.logprobs))
-        updates = list(absorbed.updates)
-        result = None
-        if plan.params.max_tokens > 0:
-            generation = engine.generate(work, [], plan.params, plan.learn)
-            try:
-                for event in generation:
-                    emit(event)  # raises Stopped once the client is gone: generation ends here
-            finally:
-                generation.close()
-            result = generation.result
-            updates += result.updates
-            # A reply cut by max_tokens or a stop string is closed with <|end|>, so the stream
-            # reads exactly as if the client re-sent the reply as an assistant message.
-            stop_ids = set(plan.params.stop_token_ids)
-            if plan.close_turn is not None and not (result.token_ids and result.token_ids[-1] in stop_ids):
-                updates += engine.absorb(work, [plan.close_turn], plan.learn).updates
-        return Output(absorbed.logprobs, result, updates)
-
-    return run
 
 
 # ---- the async side --------------------------------------------------------------------------
@@ -129,10 +97,12 @@ class TurnRun:
     """Runs a plan on a turn's working copy; `events()` yields PromptAbsorbed then TokenEvents."""
 
     def __init__(self, ctx: Context, turn: Turn, plan: Plan, started: float) -> None:
-        assert ctx.sessions is not None and turn.work is not None
+        assert ctx.scheduler is not None and turn.work is not None
         self.ctx, self.turn, self.plan, self.started = ctx, turn, plan, started
-        self.stream: ThreadStream[Output] = ThreadStream(ctx.sessions.engine_executor,
-                                                         produce(ctx.sessions.engine, turn.work, plan))
+        # a reply cut by max_tokens or a stop string is closed with <|end|>, so the stream reads
+        # exactly as if the client re-sent the reply as an assistant message
+        job = Job(turn.work, plan.prompt, plan.params, plan.learn, close_turn=plan.close_turn)
+        self.stream = JobStream(ctx.scheduler, job)
         self.output: Output | None = None
         self._last_token: float | None = None
 
@@ -156,7 +126,8 @@ class TurnRun:
             yield item
         if self.stream.stop_event.is_set():  # the client left after the last token: no commit
             raise Stopped
-        self.output = self.stream.result
+        res = self.stream.result
+        self.output = Output(res.prompt_logprobs, res.generation, res.updates)
 
     def stop(self) -> None:
         self.stream.stop()

@@ -19,6 +19,7 @@ _BYTES = tuple(float(2**k) for k in range(12, 31, 2))  # 4 KiB .. 1 GiB
 # titans surprise is a squared error near 0..10; fast/mid surprise is a next-token loss (nats)
 _SURPRISE = (0.01, 0.03, 0.1, 0.3, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 15.0, 25.0)
 _NORM = (1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0)
+_BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
 class Metrics:
@@ -59,6 +60,20 @@ class Metrics:
                              registry=r)
         self.sessions_cached = Gauge("hope_sessions_cached", "Decoded session states held in memory",
                                      registry=r)
+        self.cache_bytes = Gauge("hope_session_cache_bytes",
+                                 "In-memory bytes of the decoded session states held in the cache", registry=r)
+        self.cache_hits = Counter("hope_session_cache_hits",
+                                  "Session states served from the cache (the store still held that version)",
+                                  registry=r)
+        self.cache_misses = Counter("hope_session_cache_misses",
+                                    "Stored session states the cache could not serve, by reason (absent: "
+                                    "not cached; stale: the store holds another version)", ["reason"],
+                                    registry=r)
+        self.cache_evictions = Counter("hope_session_cache_evictions",
+                                       "Session states evicted from the cache to respect its bounds", registry=r)
+        self.batch_size = Histogram("hope_batch_size", "Sessions in each batched decode step",
+                                    buckets=_BATCH, registry=r)
+        self.scheduler_steps = Counter("hope_scheduler_steps", "Steps run by the engine's scheduler", registry=r)
         self.model_info = Info("hope_model", "The checkpoint being served", registry=r)
         for level in ("titans", "fast", "mid"):  # present from the start, at zero
             self.memory_updates.labels(level)
@@ -66,6 +81,8 @@ class Metrics:
             self.update_norm.labels(level)
         for reason in ("stop", "length"):
             self.request_success.labels(reason)
+        for reason in ("absent", "stale"):
+            self.cache_misses.labels(reason)
 
     def observe_updates(self, updates: Iterable[UpdateRecord]) -> None:
         for u in updates:

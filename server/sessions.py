@@ -10,10 +10,11 @@ transaction on it:
 2. Take an engine slot (at most `max_concurrent_requests` run; `max_waiting_requests` may queue
    for a slot or a session, beyond that: 429).
 3. Load: metadata and message history, and the state blob unless the decoded state of exactly
-   this version (and incarnation) is still in the in-process cache.
+   this version (and incarnation) is still in the session cache (`StateCache`).
 4. Work on a copy (`SessionState.copy()`; the engine never modifies tensors in place).
 5. Commit: compare-and-set on the version, checked together with the fencing token. Only a
    request that completed commits; one whose client went away, or that failed, commits nothing.
+   The committed state then enters the cache (write-through); a failed commit drops it.
 6. Release lock and slot (always, also on cancellation).
 
 A request with `learn=false` reads a snapshot without locking and commits nothing; an ephemeral
@@ -42,6 +43,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import anyio
+import torch
 
 from hope_core.engine import Engine
 from hope_core.state import SessionState, StateError
@@ -94,40 +96,94 @@ def resent_prefix(request: Sequence[bytes], history: Sequence[bytes], truncated:
 
 # ---- in-process state cache --------------------------------------------------------------------
 
+def state_nbytes(state: SessionState) -> int:
+    """The bytes a state's tensors take in memory, at their in-memory dtypes, wherever they live
+    (CPU or GPU). Metadata only: no device read."""
+    return sum(t.numel() * t.element_size() for t in state.state.tensors().values())
+
+
 @dataclass
 class _Cached:
     uid: str
     version: int
     state: SessionState
+    nbytes: int
 
 
 class StateCache:
     """Decoded states of recently used sessions, so a session's next request skips reading and
-    decoding the blob. An entry is used only when the store still holds exactly its incarnation
-    (uid) and version, so replicas sharing a store never see a stale state."""
+    decoding the blob; the states stay on the engine's device, so a hit costs no transfer.
 
-    def __init__(self, size: int, metrics: Metrics) -> None:
-        self.size, self.metrics = size, metrics
+    An LRU bounded by bytes (`session_cache_bytes`) and by count (`session_cache_size`); either
+    at 0 disables it. An entry is keyed by (tenant, session id) and remembers the incarnation
+    (uid) and version it holds: the caller uses it only when the store still holds exactly
+    those (`SessionManager._load` checks with the metadata read it makes anyway), so replicas
+    sharing a store never serve a stale state. Commits write through: the committed state enters
+    the cache only after the store accepted it, and a failed commit drops the entry.
+
+    Touched only from the event loop (no method awaits), so every method is atomic.
+    """
+
+    def __init__(self, max_bytes: int, max_entries: int, metrics: Metrics) -> None:
+        self.max_bytes, self.max_entries, self.metrics = max_bytes, max_entries, metrics
         self._items: OrderedDict[tuple[str, str], _Cached] = OrderedDict()
+        self.nbytes = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_bytes > 0 and self.max_entries > 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, key: tuple[str, str]) -> bool:
+        return key in self._items
+
+    def keys(self) -> list[tuple[str, str]]:
+        """The cached sessions, least recently used first."""
+        return list(self._items)
 
     def get(self, key: tuple[str, str]) -> _Cached | None:
+        """The entry (marked most recently used), unvalidated: compare its uid and version with
+        the store's before using it."""
         item = self._items.get(key)
         if item is not None:
             self._items.move_to_end(key)
         return item
 
     def put(self, key: tuple[str, str], uid: str, version: int, state: SessionState) -> None:
-        if self.size <= 0:
+        if not self.enabled:
             return
-        self._items[key] = _Cached(uid, version, state)
-        self._items.move_to_end(key)
-        while len(self._items) > self.size:
-            self._items.popitem(last=False)
-        self.metrics.sessions_cached.set(len(self._items))
+        old = self._items.get(key)
+        if old is not None and old.uid == uid and old.version > version:
+            return  # a read that began before a commit finished after it: keep the newer state
+        self._remove(key)
+        size = state_nbytes(state)
+        if size > self.max_bytes:  # could never fit: not cached at all
+            self.metrics.cache_evictions.inc()
+        else:
+            self._items[key] = _Cached(uid, version, state, size)
+            self.nbytes += size
+            while self.nbytes > self.max_bytes or len(self._items) > self.max_entries:
+                _, evicted = self._items.popitem(last=False)  # least recently used first
+                self.nbytes -= evicted.nbytes
+                self.metrics.cache_evictions.inc()
+        self._publish()
 
     def drop(self, key: tuple[str, str]) -> None:
-        self._items.pop(key, None)
+        if self._remove(key):
+            self._publish()
+
+    def _remove(self, key: tuple[str, str]) -> bool:
+        item = self._items.pop(key, None)
+        if item is None:
+            return False
+        self.nbytes -= item.nbytes
+        return True
+
+    def _publish(self) -> None:
         self.metrics.sessions_cached.set(len(self._items))
+        self.metrics.cache_bytes.set(self.nbytes)
 
 
 # ---- admission: engine slots and the waiting queue ---------------------------------------------
@@ -243,38 +299,54 @@ class Turn:
         if not self.persist:
             return None
         m = self.manager
+        key = (self.tenant, self.session_id or "")
         with anyio.CancelScope(shield=True):
-            t0 = time.perf_counter()
-            work = self.work
-            work.version = self.version + 1
-            blob = await run_blocking(m.io_executor, work.to_bytes, m.settings.state_dtype)
-            if len(blob) > m.settings.max_state_bytes:
-                raise too_large(f"the session state ({len(blob)} bytes) exceeds the limit "
-                                f"({m.settings.max_state_bytes} bytes)", code="state_too_large")
-            kept = [] if reset_history else self.history
-            history = ([*kept, *new_digests])[-m.settings.history_max_messages:]
-            total = (0 if reset_history or self.meta is None else self.meta.history_total) + len(new_digests)
-            norms = {} if reset_history or self.meta is None else dict(self.meta.last_update_norms)
-            norms.update({lvl: n for lvl, n in (update_norms or {}).items() if math.isfinite(n)})
-            now = time.time()
-            meta = SessionMeta(tenant=self.tenant, session_id=self.session_id or "", uid=self._uid,
-                               version=work.version, created=self.meta.created if self.meta else now,
-                               updated=now, tokens_absorbed=work.tokens_absorbed, updates=work.updates,
-                               state_bytes=len(blob), checkpoint=work.fingerprint,
-                               dtype=m.settings.state_dtype, history_total=total, last_update_norms=norms)
-            record = SessionRecord(meta, b"".join(history), blob)
             try:
-                ok = await m.store.commit(record, self.version, self.lock_token)
-            except StoreUnavailable:
-                raise store_unavailable(m.settings.overload_retry_after_s) from None
-            if not ok:
-                m.metrics.version_conflicts.inc()
-                raise APIError(409, "the session changed while this request ran; nothing was stored",
-                               code="session_conflict", reason="version_conflict")
-            m.metrics.state_store.observe(time.perf_counter() - t0)
-            m.metrics.state_bytes.observe(len(blob))
-            m.cache.put((self.tenant, meta.session_id), meta.uid, meta.version, work)
+                meta = await self._write(new_digests, reset_history, update_norms)
+            except BaseException:
+                # refused, failed or unknown outcome: the cache must not vouch for this session
+                # until a load has read the store again
+                m.cache.drop(key)
+                raise
+            # write-through, only after the store accepted the commit; a (shallow) copy, so that
+            # nothing done to the working copy afterwards reaches the cache
+            m.cache.put(key, meta.uid, meta.version, self.work.copy())
             return meta
+
+    async def _write(self, new_digests: Sequence[bytes], reset_history: bool,
+                     update_norms: dict[str, float] | None) -> SessionMeta:
+        """Encode the working copy and compare-and-set it as the next version in the store."""
+        m = self.manager
+        t0 = time.perf_counter()
+        work = self.work
+        work.version = self.version + 1
+        blob = await run_blocking(m.io_executor, work.to_bytes, m.settings.state_dtype)
+        if len(blob) > m.settings.max_state_bytes:
+            raise too_large(f"the session state ({len(blob)} bytes) exceeds the limit "
+                            f"({m.settings.max_state_bytes} bytes)", code="state_too_large")
+        kept = [] if reset_history else self.history
+        history = ([*kept, *new_digests])[-m.settings.history_max_messages:]
+        total = (0 if reset_history or self.meta is None else self.meta.history_total) + len(new_digests)
+        norms = {} if reset_history or self.meta is None else dict(self.meta.last_update_norms)
+        norms.update({lvl: n for lvl, n in (update_norms or {}).items() if math.isfinite(n)})
+        now = time.time()
+        meta = SessionMeta(tenant=self.tenant, session_id=self.session_id or "", uid=self._uid,
+                           version=work.version, created=self.meta.created if self.meta else now,
+                           updated=now, tokens_absorbed=work.tokens_absorbed, updates=work.updates,
+                           state_bytes=len(blob), checkpoint=work.fingerprint,
+                           dtype=m.settings.state_dtype, history_total=total, last_update_norms=norms)
+        record = SessionRecord(meta, b"".join(history), blob)
+        try:
+            ok = await m.store.commit(record, self.version, self.lock_token)
+        except StoreUnavailable:
+            raise store_unavailable(m.settings.overload_retry_after_s) from None
+        if not ok:
+            m.metrics.version_conflicts.inc()
+            raise APIError(409, "the session changed while this request ran; nothing was stored",
+                           code="session_conflict", reason="version_conflict")
+        m.metrics.state_store.observe(time.perf_counter() - t0)
+        m.metrics.state_bytes.observe(len(blob))
+        return meta
 
     async def _keep_lock(self) -> None:
         """Renew the lock's lease while the request runs; a lost lock makes the commit fail."""
@@ -316,12 +388,11 @@ class Turn:
 class SessionManager:
     def __init__(self, engine: Engine, store: StateStore, settings: Settings, metrics: Metrics) -> None:
         self.engine, self.store, self.settings, self.metrics = engine, store, settings, metrics
-        self.cache = StateCache(settings.session_cache_size, metrics)
+        self.cache = StateCache(settings.session_cache_bytes, settings.session_cache_size, metrics)
         self.admission = Admission(settings, metrics)
-        self.engine_executor: Executor = ThreadPoolExecutor(settings.max_concurrent_requests,
-                                                            thread_name_prefix="hope-engine")
         # encoding/decoding states: short, and must not queue behind long generations
-        self.io_executor: Executor = ThreadPoolExecutor(4, thread_name_prefix="hope-io")
+        self.io_executor: Executor = ThreadPoolExecutor(4, thread_name_prefix="hope-io",
+                                                        initializer=torch.set_num_threads, initargs=(1,))
         self.local_locks = _LocalLocks()
         self.open_turns: dict[int, Turn] = {}  # turns that may hold a store lock, until released
 
@@ -332,7 +403,6 @@ class SessionManager:
         deadline = time.monotonic() + timeout
         while self.open_turns and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        self.engine_executor.shutdown(wait=False, cancel_futures=True)
         self.io_executor.shutdown(wait=False, cancel_futures=True)
 
     # ---- turns -------------------------------------------------------------------------------
@@ -410,23 +480,31 @@ class SessionManager:
 
     async def _load(self, tenant: str, session_id: str, with_state: bool = True
                     ) -> tuple[SessionMeta | None, list[bytes], SessionState | None]:
-        """The stored session (meta, history, decoded state), or a fresh one when there is none."""
+        """The stored session (meta, history, decoded state), or a fresh one when there is none.
+
+        A cached state is used only when the store still holds its incarnation and version: the
+        read of metadata and history that every turn needs is the check, so a hit costs that
+        one read and no blob read; a stale entry costs one more read, with the blob."""
         key = (tenant, session_id)
         t0 = time.perf_counter()
         cached = self.cache.get(key) if with_state else None
         record = await self.store.load(tenant, session_id, with_state=with_state and cached is None)
         if record is None:
+            if cached is not None:  # deleted (or expired) meanwhile, maybe by another replica
+                self.metrics.cache_misses.labels("stale").inc()
             self.cache.drop(key)
             return None, [], self.engine.new_session() if with_state else None
         history = split_digests(record.history)
         if not with_state:
             return record.meta, history, None
         if cached is not None and (cached.uid, cached.version) == (record.meta.uid, record.meta.version):
+            self.metrics.cache_hits.inc()
             return record.meta, history, cached.state
+        self.metrics.cache_misses.labels("absent" if cached is None else "stale").inc()
         if record.state is None:  # the cached state was stale: read the blob after all
+            self.cache.drop(key)
             record = await self.store.load(tenant, session_id, with_state=True)
             if record is None:
-                self.cache.drop(key)
                 return None, [], self.engine.new_session()
             history = split_digests(record.history)
         state = await self._decode(record.state or b"", "the stored state of this session")

@@ -36,7 +36,7 @@ class Settings(BaseSettings):
     playground: bool = True  # the web page at / (static files; it uses the API like any client)
 
     # limits: each over-limit request is refused before it changes anything
-    max_concurrent_requests: int = Field(4, ge=1)  # engine work running at once (429 beyond the queue)
+    max_concurrent_requests: int = Field(64, ge=1)  # requests in the engine at once (429 beyond the queue)
     max_waiting_requests: int = Field(32, ge=0)  # queued for a slot or a session (429 beyond)
     max_prompt_tokens: int = Field(8192, ge=1)  # new tokens absorbed by one request (413 beyond)
     max_tokens_limit: int = Field(4096, ge=1)  # largest max_tokens a request may ask for (400 beyond)
@@ -51,8 +51,18 @@ class Settings(BaseSettings):
     busy_timeout_s: float = Field(60.0, gt=0)  # how long a queued request waits (then 409)
     lock_ttl_s: float = Field(30.0, gt=0)  # lease of a session lock; renewed while the request runs
     state_dtype: Literal["float32", "bfloat16"] = "float32"  # floats in stored states
-    session_cache_size: int = Field(32, ge=0)  # decoded states kept in memory (validated by version)
+    # the session cache: decoded states kept in memory (on the engine's device), least recently
+    # used evicted first, each used only if the store still holds its exact version
+    session_cache_bytes: int = Field(512 * 1024 * 1024, ge=0)  # bound on their in-memory bytes; 0: no cache
+    session_cache_size: int = Field(4096, ge=0)  # and on their number; 0: no cache
     history_max_messages: int = Field(4096, ge=1)  # message digests kept per session for dedup
+
+    # the scheduler: sessions advance together, one batched step at a time
+    threads: int = Field(0, ge=0)  # torch CPU threads of the engine's scheduler; 0: one per core
+    max_batch_size: int = Field(64, ge=1)  # sessions decoded together in one batched step
+    # prompt tokens absorbed per scheduler step and session, so a long prompt is prefilled in
+    # chunks between decoding steps instead of stalling the sessions that are decoding
+    prefill_chunk_tokens: int = Field(256, ge=16)
 
     @field_validator("api_keys")
     @classmethod

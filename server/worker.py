@@ -1,11 +1,12 @@
-"""Blocking engine work on worker threads, its results handed to async code as they come.
+"""Engine work handed to the scheduler, its results handed to async code as they come.
 
-Engine calls are seconds of CPU/GPU work; on the event loop they would stall every other request.
-`ThreadStream` runs a producer function on the engine's thread pool; the producer calls `emit(x)`
-for each item (a generated token, say) and the async side iterates them as they arrive. Stopping
-the stream (the client went away) makes the next `emit` raise inside the worker thread, so
-generation ends within one token; `aclose()` waits for the thread to finish, so no engine work
-outlives its request.
+A turn's engine work is a `hope_core.scheduler.Job`: the scheduler's thread runs it together
+with every other request's, one batched step at a time, and calls the job's `emit` for each item
+(the prompt's log-probabilities, then each generated token). `JobStream` turns those calls into
+an async iterator. Stopping the stream (the client went away) makes the next `emit` raise inside
+the scheduler, and the job is dropped before its next piece of work, so generation ends within
+one step; `aclose()` waits until the scheduler has let the job go, so no engine work outlives
+its request.
 """
 
 from __future__ import annotations
@@ -14,29 +15,32 @@ import asyncio
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 import anyio
 
+from hope_core.scheduler import Cancelled, Job, JobResult, Scheduler
+
 R = TypeVar("R")
-Emit = Callable[[Any], None]
 
 _DONE = object()
 
 
 class Stopped(Exception):
-    """Raised inside the worker by `emit` once the stream was stopped."""
+    """Raised once the stream was stopped: inside the scheduler by `emit`, and to the reader."""
 
 
-class ThreadStream(Generic[R]):
-    """`async for item in stream` yields what the producer emits; `stream.result` is its return."""
+class JobStream:
+    """`async for item in stream` yields what the job emits; `stream.result` is its JobResult."""
 
-    def __init__(self, executor: Executor, produce: Callable[[Emit], R]) -> None:
+    def __init__(self, scheduler: Scheduler, job: Job) -> None:
         self.stop_event = threading.Event()
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._result: R | None = None
-        self._future = self._loop.run_in_executor(executor, self._run, produce)
+        self._result: JobResult | None = None
+        job.emit, job.cancel = self._emit, self.stop_event
+        self._future = asyncio.wrap_future(scheduler.submit(job))
+        self._future.add_done_callback(lambda _: self._push(_DONE))
 
     def _push(self, item: Any) -> None:
         try:
@@ -49,39 +53,36 @@ class ThreadStream(Generic[R]):
             raise Stopped
         self._push(item)
 
-    def _run(self, produce: Callable[[Emit], R]) -> R:
-        try:
-            return produce(self._emit)
-        finally:
-            self._push(_DONE)
-
-    def __aiter__(self) -> ThreadStream[R]:
+    def __aiter__(self) -> JobStream:
         return self
 
     async def __anext__(self) -> Any:
         item = await self._queue.get()
         if item is _DONE:
-            self._result = await self._future  # re-raises the producer's exception, Stopped included
+            try:
+                self._result = await self._future  # re-raises the job's exception
+            except Cancelled:
+                raise Stopped from None
             raise StopAsyncIteration
         return item
 
     @property
-    def result(self) -> R:
-        if not self._future.done():
+    def result(self) -> JobResult:
+        if self._result is None:
             raise RuntimeError("the stream has not finished")
-        return self._result  # type: ignore[return-value]
+        return self._result
 
     def stop(self) -> None:
-        """Ask the producer to stop at its next `emit` (thread-safe, idempotent)."""
+        """Ask the scheduler to drop the job before its next piece of work (thread-safe)."""
         self.stop_event.set()
 
     async def aclose(self) -> None:
-        """Stop the producer and wait until its thread is done (also when being cancelled)."""
+        """Stop the job and wait until the scheduler has let it go (also when being cancelled)."""
         self.stop()
         with anyio.CancelScope(shield=True):
             await asyncio.wait([self._future])
         if not self._future.cancelled():
-            self._future.exception()  # mark it retrieved: a stopped producer's error is expected
+            self._future.exception()  # mark it retrieved: a stopped job's error is expected
 
 
 async def run_blocking(executor: Executor, fn: Callable[..., R], *args: Any) -> R:

@@ -94,3 +94,37 @@ def test_pretraining_forward_matches_serving(tmp_path: Path) -> None:
     engine.absorb(session, [int(x[0, 0])])
     lps = engine.absorb(session, x[0, 1:].tolist()).logprobs
     assert torch.allclose(-torch.tensor(lps), nll[0], atol=1e-4)
+
+
+def test_packed_token_streams_train_without_the_sources(tmp_path: Path) -> None:
+    """`--export-tokens` writes `{source}-{split}.npy`; `token_dir` trains from them alone (a GPU
+    machine without the Debian sources or network), and the run keeps its best checkpoint."""
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(5, 400, size=20_000).astype(np.uint16)
+    tokens[::50] = 0
+    for split in ("train", "heldout"):
+        for source in ("toy", "synthetic"):
+            data.TokenStream.from_tokens(tokens).save(tmp_path / "tokens" / f"{source}-{split}.npy")
+    tc = train.TrainConfig(out_dir=str(tmp_path / "run"), seq_len=384, batch_size=2, steps=4, warmup_steps=1,
+                           eval_every=2, eval_batches=1, log_every=2, device="cpu",
+                           sources={"toy": 0.5, "synthetic": 0.3, "reread": 0.2},
+                           token_dir=str(tmp_path / "tokens"))
+    train.train(TINY, tc)
+    best = load_checkpoint(tmp_path / "run" / "best")
+    assert best.meta["training"]["heldout_loss"] > 0
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert min(r["heldout_loss"] for r in log if "heldout_loss" in r) >= best.meta["training"]["heldout_loss"] - 1e-9
+
+
+def test_session_level_initial_weights_get_their_own_learning_rate() -> None:
+    model = HopeLM(TINY)
+    tc = train.TrainConfig(lr=1e-3, session_init_lr_scale=0.1)
+    opt = train.make_optimizer(model, tc)
+    train.set_lr(opt, 2e-3)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in opt.param_groups:
+        init = [train.session_init(names[id(p)]) for p in group["params"]]
+        assert all(init) or not any(init)
+        assert group["lr"] == pytest.approx(2e-4 if init[0] else 2e-3)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    assert any(train.session_init(n) for n in names.values())

@@ -14,11 +14,12 @@ from tests.server.support import Api, running_app
 pytestmark = pytest.mark.anyio
 
 COUNTERS = ["hope_prompt_tokens", "hope_generation_tokens", "hope_memory_updates", "hope_request_success",
-            "hope_request_failure", "hope_session_version_conflicts"]
+            "hope_request_failure", "hope_session_version_conflicts", "hope_session_cache_hits",
+            "hope_session_cache_misses", "hope_session_cache_evictions", "hope_scheduler_steps"]
 HISTOGRAMS = ["hope_surprise", "hope_update_norm", "hope_time_to_first_token_seconds",
               "hope_inter_token_latency_seconds", "hope_e2e_request_latency_seconds", "hope_session_state_bytes",
-              "hope_session_state_load_seconds", "hope_session_state_store_seconds"]
-GAUGES = ["hope_requests_running", "hope_requests_waiting", "hope_sessions_cached"]
+              "hope_session_state_load_seconds", "hope_session_state_store_seconds", "hope_batch_size"]
+GAUGES = ["hope_requests_running", "hope_requests_waiting", "hope_sessions_cached", "hope_session_cache_bytes"]
 
 
 async def scrape(api: Api) -> dict[tuple[str, tuple], float]:
@@ -67,6 +68,8 @@ async def test_metrics_present_and_moving(engine: Engine) -> None:
             assert grew(f"{name}_count"), name
         assert value(after, "hope_requests_running") == 0 and value(after, "hope_requests_waiting") == 0
         assert value(after, "hope_session_version_conflicts_total") == 0
+        assert grew("hope_session_cache_misses_total", reason="absent")  # no cache here: every turn loads
+        assert value(after, "hope_session_cache_hits_total") == 0 and value(after, "hope_session_cache_bytes") == 0
 
 
 def _info_labels(samples: dict) -> dict[str, str]:

@@ -1,0 +1,164 @@
+"""Decode speed through the engine, without HTTP.
+
+* One session, learning on versus off: `hope_core.evaluate.decode_speed` (the same measurement
+  `hope eval` reports), alternated over a few repetitions, best of each kept.
+* Many sessions at once: N jobs submitted together to the engine's scheduler (continuous
+  batching, `hope_core.scheduler`), each a fresh session with the same short prompt, sampling
+  `max_tokens` tokens with learning on. Aggregate tokens/s = generated tokens / wall time from the
+  first submit to the last result (prefill included, as `vllm bench` counts output throughput).
+  Decode step times come from the scheduler's `on_step` statistics: the GPU roofline uses them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from hope_core.engine import Engine
+from hope_core.evaluate import decode_speed
+from hope_core.model import Learning
+from hope_core.sampling import SamplingParams
+
+PROMPT_TEXT = "The sea was calm that morning, and the old lighthouse keeper wrote in his book about the"
+
+
+def scheduler_available() -> bool:
+    try:
+        import hope_core.scheduler  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@dataclass
+class SingleSession:
+    learn_on: float  # tokens/s
+    learn_off: float
+    tokens: int
+
+    @property
+    def ratio(self) -> float:
+        return self.learn_on / self.learn_off
+
+
+@dataclass
+class ConcurrencyRow:
+    sessions: int
+    tokens: int  # generated, all sessions together
+    seconds: float
+    learn: bool
+    step_s: float | None = None  # mean decode step with all `sessions` in the batch and no prefill
+
+    @property
+    def tokens_per_s(self) -> float:
+        """End to end: prefill, admission and the stragglers included."""
+        return self.tokens / self.seconds
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        """Decode alone: one token per session per step (chunk commits included, prefill not), the
+        figure to compare with a decode loop that starts its clock after the prompt."""
+        return self.sessions / self.step_s if self.step_s else None
+
+
+@dataclass
+class EngineResults:
+    device: str
+    single: SingleSession | None = None
+    concurrency: list[ConcurrencyRow] = field(default_factory=list)
+    note: str = ""  # why the concurrency rows are missing, when they are
+    frozen_one: ConcurrencyRow | None = None  # one session through the scheduler, learning off
+
+    @property
+    def scheduler_ratio(self) -> float | None:
+        """Learning on over off, one session through the scheduler (decode steps)."""
+        on, off = self.at(1), self.frozen_one
+        if on and off and on.decode_tokens_per_s and off.decode_tokens_per_s:
+            return on.decode_tokens_per_s / off.decode_tokens_per_s
+        return None
+
+    def at(self, sessions: int) -> ConcurrencyRow | None:
+        return next((r for r in self.concurrency if r.sessions == sessions), None)
+
+    def speedup(self, sessions: int) -> float | None:
+        one, many = self.at(1), self.at(sessions)
+        return many.tokens_per_s / one.tokens_per_s if one and many else None
+
+
+def prompt_tokens(engine: Engine, n: int) -> list[int]:
+    ids = engine.tokenizer.encode(PROMPT_TEXT)
+    while len(ids) < n:
+        ids = ids + ids
+    return ids[:n]
+
+
+def single_session(engine: Engine, n_tokens: int, reps: int = 1, log=print) -> SingleSession:
+    """Best of `reps` alternated runs each way: on a shared machine the best run is the one the
+    least disturbed, and alternating keeps a slow spell from landing on one side only."""
+    on, off = 0.0, 0.0
+    for _ in range(reps):
+        on = max(on, decode_speed(engine, Learning(), n_tokens))
+        off = max(off, decode_speed(engine, Learning.off(), n_tokens))
+    res = SingleSession(on, off, n_tokens)
+    log(f"engine single session: learning on {on:.1f} tok/s, off {off:.1f} tok/s, ratio {res.ratio:.2f}")
+    return res
+
+
+def concurrency(engine: Engine, levels: list[int], n_tokens: int, n_prompt: int = 16, learn: bool = True,
+                log=print, rows: list[ConcurrencyRow] | None = None,
+                threads: int | None = None) -> list[ConcurrencyRow]:
+    """Aggregate tokens/s at each number of concurrent sessions, through the scheduler. Rows are
+    appended to `rows` (when given) as each level finishes, so an interrupted run keeps them."""
+    from hope_core.scheduler import Job, Scheduler
+
+    steps: list = []
+    sched = Scheduler(engine, max_batch=max(levels), on_step=steps.append, threads=threads)
+    sched.start()
+    prompt = prompt_tokens(engine, n_prompt)
+
+    def run_level(n: int, max_tokens: int, seed0: int) -> tuple[int, float]:
+        jobs = [Job(session=engine.new_session(), prompt=list(prompt),
+                    params=SamplingParams(max_tokens=max_tokens, seed=seed0 + i), learn=learn) for i in range(n)]
+        t0 = time.perf_counter()
+        futures = [sched.submit(j) for j in jobs]
+        results = [f.result() for f in futures]
+        dt = time.perf_counter() - t0
+        return sum(len(r.generation.token_ids) for r in results if r.generation is not None), dt
+
+    rows = [] if rows is None else rows
+    try:
+        # warm-up: a full chunk so that the learning commit path runs once before any clock; on
+        # CUDA at every level, since each new batch size captures its CUDA graphs on first use
+        cuda = engine.device.type == "cuda"
+        run_level(min(4, max(levels)), engine.cfg.chunk + 2, 10_000)
+        for n in levels:
+            if cuda:
+                run_level(n, engine.cfg.chunk + 2, 20_000)
+            steps.clear()
+            tokens, dt = run_level(n, n_tokens, 0)
+            # the mean, not the median: the steps that commit a chunk (and learn) are part of the cost
+            full = [s.seconds for s in steps if s.batch_size == n and s.prefill_tokens == 0]
+            row = ConcurrencyRow(n, tokens, dt, learn, sum(full) / len(full) if full else None)
+            rows.append(row)
+            step = f", decode step {row.step_s * 1e3:.2f} ms" if row.step_s else ""
+            log(f"engine {n:>3} sessions: {row.tokens_per_s:9.1f} tok/s aggregate "
+                f"({tokens} tokens in {dt:.2f} s{step})")
+    finally:
+        sched.stop()
+    return rows
+
+
+def run(engine: Engine, levels: list[int], single_tokens: int, concurrent_tokens: int, reps: int = 1,
+        log=print, threads: int | None = None, publish=None) -> EngineResults:
+    """`publish(results)` is called first with the (still empty) results, which then fill in place."""
+    res = EngineResults(str(engine.device))
+    if publish:
+        publish(res)
+    res.single = single_session(engine, single_tokens, reps, log)
+    if scheduler_available():
+        concurrency(engine, levels, concurrent_tokens, log=log, rows=res.concurrency, threads=threads)
+        res.frozen_one = concurrency(engine, [1], concurrent_tokens, learn=False, log=log, threads=threads)[0]
+    else:
+        res.note = "hope_core.scheduler is not available"
+        log(f"engine concurrency: skipped ({res.note})")
+    return res

@@ -1,0 +1,287 @@
+"""A load generator for `hope serve`, in the manner of `vllm bench serve`.
+
+For each concurrency level N: `requests(N)` streaming `/v1/chat/completions` requests arrive as a
+Poisson process (exponential inter-arrival times at `request_rate` per second; by default 4N/s,
+so the level fills up quickly and then stays full), at most N in flight (an arrival beyond that
+waits for a slot, as vLLM's `--max-concurrency`). Every request has its own session id, so every
+session learns and commits, and asks for exactly `max_tokens` tokens (`ignore_eos`).
+
+Measured per level:
+* output tokens/s: completion tokens (from the usage chunk) over the level's wall time;
+* TTFT: request sent -> first chunk with text (the prompt absorbed and one token made);
+* ITL: the gaps between successive chunks with text. A token whose text is held back (partial
+  UTF-8, a possible stop string) arrives with the next one, so an ITL can span two tokens;
+* errors: any status other than 200, an error event in the stream, a stream cut short.
+
+`HopeServer` starts `hope serve` as a subprocess on a free loopback port with the in-memory store
+and limits set high enough for the levels, waits for /readyz, and stops it afterwards; with
+`--url` an already running server is used instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from bench.timing import percentile
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "Tell me a long story about a lighthouse keeper and the sea."
+
+
+@dataclass
+class LoadConfig:
+    levels: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
+    max_tokens: int = 32
+    request_rate: float | None = None  # requests/s; None: 4 x the level's concurrency
+    requests_per_slot: int = 2  # requests per level = max(min_requests, requests_per_slot x N)
+    min_requests: int = 8
+    prompt: str = PROMPT
+    seed: int = 0
+    timeout_s: float = 600.0
+
+    def n_requests(self, concurrency: int) -> int:
+        return max(self.min_requests, self.requests_per_slot * concurrency)
+
+    def rate(self, concurrency: int) -> float:
+        return self.request_rate or 4.0 * concurrency
+
+
+@dataclass
+class RequestResult:
+    ok: bool
+    output_tokens: int = 0
+    ttft: float = float("nan")  # seconds
+    itls: list[float] = field(default_factory=list)
+    latency: float = float("nan")
+    error: str = ""
+
+
+@dataclass
+class LevelResult:
+    concurrency: int
+    request_rate: float
+    requests: int
+    errors: int
+    seconds: float
+    output_tokens: int
+    ttft_p50: float
+    ttft_p99: float
+    itl_p50: float
+    itl_p99: float
+    first_error: str = ""
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.output_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class HttpResults:
+    url: str
+    device: str
+    max_tokens: int
+    levels: list[LevelResult] = field(default_factory=list)
+
+    def at(self, concurrency: int) -> LevelResult | None:
+        return next((r for r in self.levels if r.concurrency == concurrency), None)
+
+
+# ---- one request -----------------------------------------------------------------------------------
+
+async def one_request(client: httpx.AsyncClient, session_id: str, cfg: LoadConfig, seed: int) -> RequestResult:
+    body = {"model": "hope", "messages": [{"role": "user", "content": cfg.prompt}], "stream": True,
+            "max_tokens": cfg.max_tokens, "ignore_eos": True, "temperature": 1.0, "seed": seed,
+            "session_id": session_id, "stream_options": {"include_usage": True}}
+    res = RequestResult(ok=False)
+    t0 = time.perf_counter()
+    last = None
+    try:
+        async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+            if r.status_code != 200:
+                res.error = f"HTTP {r.status_code}: {(await r.aread())[:200].decode(errors='replace')}"
+                return res
+            done = False
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[len("data: "):]
+                if data == "[DONE]":
+                    done = True
+                    break
+                event = json.loads(data)
+                if "error" in event:
+                    res.error = f"stream error: {event['error'].get('message', event['error'])}"
+                    return res
+                if event.get("usage"):
+                    res.output_tokens = event["usage"]["completion_tokens"]
+                if any(c.get("delta", {}).get("content") for c in event.get("choices", [])):
+                    t = time.perf_counter()
+                    if last is None:
+                        res.ttft = t - t0
+                    else:
+                        res.itls.append(t - last)
+                    last = t
+            if not done:
+                res.error = "stream ended without [DONE]"
+                return res
+    except httpx.HTTPError as e:
+        res.error = f"{type(e).__name__}: {e}"
+        return res
+    res.latency = time.perf_counter() - t0
+    res.ok = True
+    return res
+
+
+# ---- one concurrency level -----------------------------------------------------------------------------
+
+async def run_level(client: httpx.AsyncClient, concurrency: int, cfg: LoadConfig, tag: str) -> LevelResult:
+    n, rate = cfg.n_requests(concurrency), cfg.rate(concurrency)
+    rng = random.Random(cfg.seed + concurrency)
+    arrivals, t = [], 0.0
+    for _ in range(n):
+        arrivals.append(t)
+        t += rng.expovariate(rate)
+    slots = asyncio.Semaphore(concurrency)
+    start = time.perf_counter()
+
+    async def request(i: int, at: float) -> RequestResult:
+        await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
+        async with slots:
+            return await one_request(client, f"bench-{tag}-c{concurrency}-{i}", cfg, cfg.seed + i)
+
+    results = await asyncio.gather(*(request(i, at) for i, at in enumerate(arrivals)))
+    seconds = time.perf_counter() - start
+    ok = [r for r in results if r.ok]
+    ttfts = [r.ttft for r in ok]
+    itls = [x for r in ok for x in r.itls]
+    errors = [r.error for r in results if not r.ok]
+    return LevelResult(concurrency, rate, n, len(errors), seconds, sum(r.output_tokens for r in ok),
+                       percentile(ttfts, 50), percentile(ttfts, 99), percentile(itls, 50), percentile(itls, 99),
+                       errors[0] if errors else "")
+
+
+async def run_levels(base_url: str, cfg: LoadConfig, log=print, into: list[LevelResult] | None = None
+                     ) -> list[LevelResult]:
+    tag = uuid.uuid4().hex[:8]  # fresh session ids even against a server that keeps its sessions
+    limits = httpx.Limits(max_connections=max(cfg.levels) + 8, max_keepalive_connections=max(cfg.levels) + 8)
+    async with httpx.AsyncClient(base_url=base_url, timeout=cfg.timeout_s, limits=limits) as client:
+        warm = await one_request(client, f"bench-{tag}-warmup", cfg, cfg.seed)  # first request pays set-up
+        if not warm.ok:
+            raise RuntimeError(f"warm-up request failed: {warm.error}")
+        out = [] if into is None else into
+        for n in cfg.levels:
+            r = await run_level(client, n, cfg, tag)
+            out.append(r)
+            err = f", {r.errors} errors ({r.first_error})" if r.errors else ""
+            log(f"http {n:>3} concurrent: {r.tokens_per_s:9.1f} tok/s, TTFT p50 {r.ttft_p50 * 1e3:.0f} ms "
+                f"p99 {r.ttft_p99 * 1e3:.0f} ms, ITL p50 {r.itl_p50 * 1e3:.1f} ms p99 {r.itl_p99 * 1e3:.1f} ms "
+                f"({r.requests} requests{err})")
+        return out
+
+
+# ---- the server ------------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class HopeServer:
+    """`hope serve` in a subprocess, in-memory store, on a free loopback port."""
+
+    def __init__(self, checkpoint: str | None = None, device: str = "cpu", max_concurrency: int = 64,
+                 threads: int | None = None, ready_timeout_s: float = 180.0, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self._log = tempfile.NamedTemporaryFile(prefix="hope-bench-serve-", suffix=".log", delete=False)
+        self.log_path = Path(self._log.name)
+        cmd = [sys.executable, "-m", "hope.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+               "--store", "memory://", "--device", device, "--log-level", "warning"]
+        if checkpoint:
+            cmd += ["--checkpoint", str(checkpoint)]
+        environ = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+                   "HOPE_STORE": "memory://", "HOPE_PLAYGROUND": "false",
+                   # every request of a level runs at once, and none is refused for waiting
+                   "HOPE_MAX_CONCURRENT_REQUESTS": str(max_concurrency),
+                   "HOPE_MAX_BATCH_SIZE": str(max_concurrency),  # all of them in one decode batch
+                   "HOPE_MAX_WAITING_REQUESTS": str(4 * max_concurrency + 16),
+                   **({"OMP_NUM_THREADS": str(threads)} if threads else {}), **(env or {})}
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=environ, stdout=self._log, stderr=subprocess.STDOUT)
+        self._wait_ready(ready_timeout_s)
+
+    def log_tail(self, n: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-n:]
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"hope serve exited ({self.proc.returncode}):\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.base_url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"hope serve not ready after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def stop(self, keep_log: bool = False) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        if not keep_log:
+            self.log_path.unlink(missing_ok=True)
+
+    def __enter__(self) -> HopeServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def run(cfg: LoadConfig, url: str | None = None, checkpoint: str | None = None, device: str = "cpu",
+        threads: int | None = None, log=print, publish=None) -> HttpResults:
+    """`publish(results)` is called once the server is up; levels are appended as they finish."""
+    if url:
+        res = HttpResults(url, "remote", cfg.max_tokens)
+        if publish:
+            publish(res)
+        asyncio.run(run_levels(url.rstrip("/"), cfg, log, into=res.levels))
+        return res
+    server = HopeServer(checkpoint, device, max(cfg.levels), threads)
+    errors = True
+    try:
+        log(f"http: hope serve on {server.base_url} (device {device}, memory store)")
+        res = HttpResults(server.base_url, device, cfg.max_tokens)
+        if publish:
+            publish(res)
+        try:
+            asyncio.run(run_levels(server.base_url, cfg, log, into=res.levels))
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}\nserver log:\n{server.log_tail()}") from None
+        errors = any(level.errors for level in res.levels)
+    finally:
+        server.stop(keep_log=errors)  # the server's side of failed requests is in its log
+        if errors:
+            log(f"http: server log kept at {server.log_path}")
+    return res

@@ -1,0 +1,292 @@
+"""The results of one `hope bench` run as markdown tables (docs/benchmarks.md) and as JSON.
+
+Each part is optional (`--only`): a table whose part did not run is left out, a part that failed
+says so. The targets of issue #4 are a pass/fail table computed from the same run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+
+import torch
+
+from bench.baselines import BaselineResults
+from bench.engine_speed import EngineResults
+from bench.gpu import GpuResults
+from bench.http_load import HttpResults
+from bench.state_io import StateIOResults
+from bench.timing import available_cores
+
+
+@dataclass
+class Machine:
+    cpu: str
+    cores: int
+    threads: int  # torch intra-op threads used
+    torch: str
+    python: str
+    gpu: str | None
+    date: str
+    command: str
+    load_avg: float | None = None  # 1-minute load average when the run began: others' work on the machine
+    load_avg_end: float | None = None  # ... and when it ended (the run's own load included)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: str, command: str) -> Machine:
+    gpu = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else None
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = None
+    return Machine(cpu_model(), available_cores(), torch.get_num_threads(), torch.__version__,
+                   platform.python_version(), gpu, time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), command,
+                   load)
+
+
+@dataclass
+class BenchResults:
+    machine: Machine
+    device: str
+    quick: bool
+    engine: EngineResults | None = None
+    baselines: BaselineResults | None = None
+    http: HttpResults | None = None
+    state_io: StateIOResults | None = None
+    gpu: GpuResults | None = None
+    failed: dict[str, str] = field(default_factory=dict)  # part -> error
+    seconds: dict[str, float] = field(default_factory=dict)  # part -> wall time
+
+    def hope_decode(self, batch: int) -> tuple[float | None, str]:
+        """HOPE's decode tokens/s with learning on at this batch, and where the figure comes from:
+        the scheduler's decode steps (its serving path); the single-session loop at batch 1 without it."""
+        e = self.engine
+        if e is None:
+            return None, ""
+        row = e.at(batch)
+        if row is not None and row.decode_tokens_per_s:
+            return row.decode_tokens_per_s, "scheduler"
+        if batch == 1 and e.single is not None:
+            return e.single.learn_on, "single session"
+        return None, ""
+
+    def target_batches(self) -> tuple[int, int]:
+        return (1, 256) if self.device.startswith("cuda") else (1, 16)
+
+
+# ---- formatting -------------------------------------------------------------------------------------
+
+def _f(x: float | None, digits: int = 1, scale: float = 1.0, suffix: str = "") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x * scale:,.{digits}f}{suffix}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(r) + " |" for r in rows), ""]
+
+
+def _header(r: BenchResults) -> list[str]:
+    m = r.machine
+    lines = ["# Benchmarks", "",
+             "Made by `hope bench` (package `bench/`); rerun it to replace this file. Tokens/s are aggregate over",
+             "all sessions or batch rows; the baselines are frozen GPT-2-style transformers with random weights and",
+             "HOPE's parameter count.", "",
+             f"- command: `{m.command}`",
+             f"- date: {m.date}",
+             f"- CPU: {m.cpu}, {m.cores} cores available, {m.threads} torch threads"
+             + (f"; 1-minute load average {m.load_avg:.2f} when the run began" if m.load_avg is not None else "")
+             + (f", {m.load_avg_end:.2f} when it ended" if m.load_avg_end is not None else ""),
+             f"- torch {m.torch}, Python {m.python}, device `{r.device}`" + (f" ({m.gpu})" if m.gpu else ""),
+             f"- mode: {'quick' if r.quick else 'full'}; wall time per part: "
+             + ", ".join(f"{k} {v:.0f} s" for k, v in r.seconds.items()), ""]
+    for part, err in r.failed.items():
+        lines += [f"**{part} failed:** `{err}`", ""]
+    return lines
+
+
+def _engine(e: EngineResults) -> list[str]:
+    out = []
+    if e.single is not None:
+        s = e.single
+        out += ["## Single-session decode, learning on versus off", "",
+                f"`hope_core.evaluate.decode_speed`: {s.tokens} sampled tokens after a short prompt, one session"
+                " (one torch thread: the scheduler's thread alone runs multi-threaded).", ""]
+        rows = [["on", _f(s.learn_on)], ["off", _f(s.learn_off)], ["on / off", _f(s.ratio, 2)]]
+        on, off = e.at(1), e.frozen_one
+        if on and off and e.scheduler_ratio:
+            rows += [["on, through the scheduler (decode steps)", _f(on.decode_tokens_per_s)],
+                     ["off, through the scheduler (decode steps)", _f(off.decode_tokens_per_s)],
+                     ["on / off, through the scheduler", _f(e.scheduler_ratio, 2)]]
+        out += _table(["learning", "tokens/s"], rows)
+    if e.concurrency:
+        one = e.at(1)
+        out += ["## Concurrent sessions through the engine's scheduler (no HTTP)", "",
+                "N fresh sessions submitted at once, each a 16-token prompt then the same number of sampled tokens,",
+                "learning on. End to end: generated tokens over the wall time, prefill included. Decode: N over the",
+                "mean time of a decode step with all N sessions in the batch (chunk commits included).", ""]
+        rows = []
+        for row in e.concurrency:
+            rows.append([str(row.sessions), str(row.tokens), _f(row.tokens_per_s),
+                         _f(row.tokens_per_s / one.tokens_per_s, 2, suffix="x") if one else "-",
+                         _f(row.decode_tokens_per_s), _f(row.step_s, 2, 1e3)])
+        out += _table(["sessions", "tokens", "tokens/s end to end", "speedup vs 1", "tokens/s decode",
+                       "decode step ms"], rows)
+    elif e.note:
+        out += ["## Concurrent sessions through the engine's scheduler", "", f"Not measured: {e.note}.", ""]
+    return out
+
+
+def _http(h: HttpResults) -> list[str]:
+    server = (f"the server at `{h.url}`" if h.device == "remote"
+              else f"`hope serve --device {h.device} --store memory://`, started by the benchmark")
+    out = ["## HTTP serving with Poisson arrivals", "",
+           f"Against {server}: streaming chat completions, each request its own session (learning, committed),",
+           f"exactly {h.max_tokens} tokens (`ignore_eos`); Poisson arrivals at the request rate shown, at most N in",
+           "flight. TTFT: request sent to first text; ITL: gap between text chunks.", ""]
+    one = h.at(1)
+    rows = []
+    for r in h.levels:
+        rows.append([str(r.concurrency), _f(r.request_rate, 0), str(r.requests), str(r.errors), _f(r.tokens_per_s),
+                     _f(r.tokens_per_s / one.tokens_per_s, 2, suffix="x") if one and one.tokens_per_s else "-",
+                     _f(r.ttft_p50, 0, 1e3), _f(r.ttft_p99, 0, 1e3), _f(r.itl_p50, 1, 1e3), _f(r.itl_p99, 1, 1e3)])
+    out += _table(["concurrency", "req/s", "requests", "errors", "tokens/s", "speedup vs 1", "TTFT p50 ms",
+                   "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms"], rows)
+    return out
+
+
+def _baselines(r: BenchResults) -> list[str]:
+    b = r.baselines
+    assert b is not None
+    c = b.config
+    out = ["## Frozen baselines", "",
+           f"GPT-2 shape: {c.n_layers} layers, d_model {c.d_model}, {c.n_heads} heads, MLP {c.mlp_ratio}x, vocabulary "
+           f"{c.vocab_size}, {c.n_positions} positions: {b.n_params:,} parameters against HOPE's {b.target_params:,}; "
+           f"random weights, {b.dtype} on `{b.device}`. Prompt {b.prompt_tokens} tokens, then {b.new_tokens} new "
+           "tokens per row, greedy. The KV loop's clock starts after the prefill; `generate`'s includes it.", "",
+           "HOPE: learning on, decode tokens/s at the same batch through the scheduler (the serving path); at batch 1",
+           "also `Engine.generate` on one session, as in the first table.", ""]
+    batches = sorted({row.batch for row in b.rows})
+    rows = []
+    for n in batches:
+        hope, src = r.hope_decode(n)
+        kv, hf = b.speed("kv_loop", n), b.speed("hf_generate", n)
+        hf_note = next((row.note for row in b.rows if row.method == "hf_generate" and row.batch == n), "")
+        cell = _f(hope) + (f" ({src})" if src == "single session" else "")
+        if n == 1 and src == "scheduler" and r.engine and r.engine.single:  # the other batch-1 figure, for reference
+            cell += f" (Engine.generate alone: {_f(r.engine.single.learn_on)})"
+        rows.append([str(n), cell, _f(kv),
+                     _f(hf) if hf is not None else (hf_note or "-"),
+                     _f(hope / kv, 2, suffix="x") if hope and kv else "-",
+                     _f(hope / hf, 2, suffix="x") if hope and hf else "-"])
+    out += _table(["batch", "HOPE learning on", "plain KV loop", "HF generate", "HOPE / KV loop", "HOPE / generate"],
+                  rows)
+    return out
+
+
+def _state_io(s: StateIOResults) -> list[str]:
+    out = ["## Session state load and store", "",
+           f"Store: encode (safetensors) + compare-and-set commit. Load: read + decode with validation. Milliseconds, "
+           f"median and p99 of {s.reps} repetitions.", ""]
+    rows = []
+    for row in s.rows:
+        rows.append([row.store, row.case, _f(row.nbytes / 2**20, 2), _f(row.load_p50_ms, 2), _f(row.load_p99_ms, 2),
+                     _f(row.store_p50_ms, 2), _f(row.store_p99_ms, 2)] + ([row.note] if row.note else []))
+    out += _table(["store", "state", "MiB", "load p50", "load p99", "store p50", "store p99"], rows)
+    return out
+
+
+def _gpu(g: GpuResults) -> list[str]:
+    out = ["## GPU roofline", "",
+           f"{g.device_name}: measured device-to-device copy {g.bandwidth / 1e12:.2f} TB/s (bytes read + written). "
+           f"Bytes per decode step = slow weights {g.weights_bytes / 2**20:.1f} MiB once + per session "
+           f"{g.state_read_bytes / 2**20:.2f} MiB of state read + {g.commit_bytes / 2**20:.2f} MiB amortised commit "
+           "(bench/gpu.py says what is counted): a lower bound on the traffic.", ""]
+    rows = [[str(r.batch), _f(r.step_s, 3, 1e3), _f(r.bytes_per_step / 2**20, 1), _f(r.achieved / 1e9, 1),
+             _f(r.fraction, 2, 100, "%")] for r in g.rows]
+    out += _table(["batch", "step ms", "MiB per step", "GB/s", "of measured bandwidth"], rows)
+    return out
+
+
+def targets(r: BenchResults) -> list[list[str]]:
+    """[target, measured, verdict] rows; a target whose inputs were not measured says so."""
+    out = []
+
+    def row(name: str, value: float | None, goal: float, fmt: str) -> None:
+        if value is None:
+            out.append([name, "not measured", "-"])
+        else:
+            out.append([name, format(value, fmt), "pass" if value >= goal else "FAIL"])
+
+    e = r.engine
+    row("learning on >= 0.7 x learning off, one session", e.single.ratio if e and e.single else None, 0.7, ".2f")
+    if e and e.scheduler_ratio:
+        row("learning on >= 0.7 x learning off, one session through the scheduler", e.scheduler_ratio, 0.7, ".2f")
+    n = 16
+    row(f"{n} concurrent sessions >= 6 x one (engine, end to end)", e.speedup(n) if e else None, 6.0, ".2f")
+    if r.http is not None:
+        one, many = r.http.at(1), r.http.at(n)
+        ok = one and many and one.tokens_per_s
+        row(f"{n} concurrent sessions >= 6 x one (HTTP)", many.tokens_per_s / one.tokens_per_s if ok else None,
+            6.0, ".2f")
+    for batch in r.target_batches():
+        hope, _ = r.hope_decode(batch)
+        kv = r.baselines.speed("kv_loop", batch) if r.baselines else None
+        row(f"HOPE learning on >= plain KV loop, batch {batch}", hope / kv if hope and kv else None, 1.0, ".2f")
+    return out
+
+
+def markdown(r: BenchResults) -> str:
+    lines = _header(r)
+    lines += ["## Targets (issue #4)", ""]
+    lines += _table(["target", "measured (ratio)", "verdict"], targets(r))
+    if r.engine is not None:
+        lines += _engine(r.engine)
+    if r.http is not None:
+        lines += _http(r.http)
+    if r.baselines is not None:
+        lines += _baselines(r)
+    if r.state_io is not None:
+        lines += _state_io(r.state_io)
+    if r.gpu is not None:
+        lines += _gpu(r.gpu)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def plain(x):
+    """JSON-ready: dataclasses become dicts (their properties included), NaN becomes null."""
+    if is_dataclass(x) and not isinstance(x, type):
+        d = {f.name: plain(getattr(x, f.name)) for f in fields(x)}
+        for klass in type(x).__mro__:
+            for name, attr in vars(klass).items():
+                if isinstance(attr, property) and name not in d:
+                    d[name] = plain(getattr(x, name))
+        return d
+    if isinstance(x, (list, tuple)):
+        return [plain(v) for v in x]
+    if isinstance(x, dict):
+        return {str(k): plain(v) for k, v in x.items()}
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def to_json(r: BenchResults) -> dict:
+    out = plain(r)
+    out["targets"] = [dict(zip(("target", "measured", "verdict"), t)) for t in targets(r)]
+    return out

@@ -1,0 +1,235 @@
+"""`DecodeBatch`: the states of the sessions being decoded, stacked in buffers that stay put.
+
+Continuous batching moves sessions in and out between steps. Re-stacking every session's state
+at every step would copy megabytes per session per token, so the batch keeps one buffer per
+state tensor with a row per slot: a session joining writes its row once, leaving reads it back
+once (the last row moves into the hole, so the active rows are always the prefix `[:n]`), and a
+step updates the rows in place: the decode step writes only the open-chunk buffers and counters,
+and a commit rewrites only the rows whose chunk closed.
+
+A step computes exactly what `Engine.decode_batch` computes (the batched forward of
+`HopeLM.forward_open` on one token per row, then `learn_chunk` on the rows whose chunk closed,
+grouped by their learning switches), so session independence and split invariance carry over.
+
+On CUDA the decode step can be captured as a CUDA graph per power-of-two batch size: the rows
+past `n` up to the bucket are padding (valid states whose results are thrown away), and the
+whole step replays with one launch. Commits are captured too, per power-of-two number
+of committing rows (padded with repeats of a row, which write the same values twice): the host
+knows which rows commit (it counts each row's open tokens), so no step waits on the device
+except to read the sampled tokens and the commits' metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import replace
+
+import torch
+from torch import Tensor
+
+from hope_core.model import ChunkMetrics, HopeLM, Learning, State
+
+log = logging.getLogger("hope.batch")
+
+
+def _bucket(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+class DecodeBatch:
+    def __init__(self, model: HopeLM, template: State, capacity: int = 8, graphs: bool = False,
+                 autocast: bool = False, pad: bool | None = None) -> None:
+        """`template` is a batch-of-one state (a fresh session) that fills unused slots. With
+        `graphs` (CUDA only) each power-of-two batch size is captured once and replayed; `pad`
+        runs those padded shapes without capturing (the default follows `graphs`)."""
+        self.model, self.cfg = model, model.cfg
+        self.template = template
+        self.n = 0
+        self.open_counts: list[int] = []  # per active row: tokens in its open chunk (host copy)
+        self.graphs = graphs and template.n_open.is_cuda
+        self.pad = self.graphs if pad is None else pad
+        self.autocast = autocast
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._commit_graphs: dict[tuple[int, Learning], tuple[torch.cuda.CUDAGraph, ChunkMetrics | None]] = {}
+        self._alloc(capacity)
+
+    # ---- slots -------------------------------------------------------------------------------
+
+    def _alloc(self, capacity: int) -> None:
+        old = getattr(self, "slots", None)
+        self.capacity = capacity
+        self.slots = self.template.map(lambda v: v.expand(capacity, *v.shape[1:]).clone())
+        if old is not None:
+            for name, buf in self.slots.tensors().items():
+                buf[:self.n].copy_(old.tensors()[name][:self.n])
+        dev = self.template.n_open.device
+        self.tokens = torch.zeros(capacity, 1, dtype=torch.long, device=dev)
+        self.commit_rows = torch.zeros(capacity, dtype=torch.long, device=dev)
+        self._graphs.clear()  # they point at the old buffers
+        self._commit_graphs.clear()
+
+    def view(self, n: int | None = None) -> State:
+        """The first n rows (default: the active ones), as views of the slot buffers."""
+        n = self.n if n is None else n
+        return self.slots.map(lambda v: v[:n])
+
+    def join(self, state: State) -> int:
+        """Copy a batch-of-one state into the next free row; returns the row."""
+        if self.n == self.capacity:
+            self._alloc(self.capacity * 2)
+        row = self.n
+        for name, buf in self.slots.tensors().items():
+            buf[row].copy_(state.tensors()[name][0])
+        self.open_counts.append(int(state.n_open[0]))
+        self.n += 1
+        return row
+
+    def leave(self, row: int) -> State:
+        """Take a row out (a copy of its state, batch of one). The last row moves into its place:
+        the caller re-points whoever owned row n-1 (now `row`)."""
+        out = self.slots.map(lambda v: v[row:row + 1].clone())
+        last = self.n - 1
+        if row != last:
+            for buf in self.slots.tensors().values():
+                buf[row].copy_(buf[last])
+            self.open_counts[row] = self.open_counts[last]
+        self.open_counts.pop()
+        self.n -= 1
+        return out
+
+    def row_state(self, row: int) -> State:
+        return self.slots.map(lambda v: v[row:row + 1].clone())
+
+    # ---- the step ------------------------------------------------------------------------------
+
+    def step(self, tokens: Sequence[int], learning: Sequence[Learning]):
+        """Absorb one token per active row; commit the rows whose chunk closes (each learning as
+        its own switches say). Returns each commit's (rows, ChunkMetrics or None if only rolled)."""
+        n = self.n
+        self.tokens[:n, 0] = torch.tensor(list(tokens), dtype=torch.long).to(self.tokens.device,
+                                                                             non_blocking=True)
+        with torch.no_grad(), self._autocast():
+            self._forward(n)
+        full = [i for i in range(n) if self.open_counts[i] + 1 == self.cfg.chunk]
+        self.open_counts = [(c + 1) % self.cfg.chunk for c in self.open_counts]
+        commits = []
+        if full:
+            groups: dict[Learning, list[int]] = {}
+            for i in full:
+                groups.setdefault(learning[i], []).append(i)
+            with torch.no_grad(), self._autocast():
+                for learn, rows in groups.items():
+                    commits.append((rows, self._commit(rows, learn)))
+        return commits
+
+    def logits(self) -> Tensor:
+        """Next-token logits [n, V] (float32) of the active rows."""
+        with torch.no_grad(), self._autocast():
+            return self.model.logits(self.slots.last_hidden[:self.n]).float()
+
+    def _autocast(self):
+        dev = self.template.n_open.device.type
+        return torch.autocast(dev, dtype=torch.bfloat16, enabled=self.autocast, cache_enabled=False)
+
+    def _forward(self, n: int) -> None:
+        if not self.pad:
+            self._decode_inplace(n)
+            return
+        b = min(_bucket(n), self.capacity)
+        if not self.graphs:
+            self._decode_inplace(b)
+        else:
+            if b not in self._graphs:
+                self._graphs[b] = self._capture(b)
+            self._graphs[b].replay()
+        # padding rows advanced too: keep their open chunk from filling up
+        if b > n:
+            self.slots.n_open[n:b].zero_()
+
+    def _decode_inplace(self, n: int) -> None:
+        view = self.view(n)
+        _, new, _ = self.model.forward_open(self.tokens[:n], view)
+        old_t, new_t = view.tensors(), new.tensors()
+        for name, t in new_t.items():
+            if t is not old_t[name]:
+                old_t[name].copy_(t)
+
+    def _capture(self, b: int) -> torch.cuda.CUDAGraph:
+        # the step is idempotent per call only up to the open counters: capture on a copy of
+        # the counters and restore them, so warm-up and capture leave the sessions as they were
+        saved = {k: v[:b].clone() for k, v in (("n_open", self.slots.n_open),
+                                                ("open_tokens", self.slots.open_tokens))}
+        layers_saved = [{k: layer[k][:b].clone() for k in ("open_k", "open_v", "open_conv")}
+                        for layer in self.slots.layers]
+        last_hidden = self.slots.last_hidden[:b].clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.no_grad(), self._autocast():
+            for _ in range(2):
+                self._decode_inplace(b)
+                self._restore(b, saved, layers_saved, last_hidden)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.no_grad(), self._autocast():
+            self._decode_inplace(b)
+        self._restore(b, saved, layers_saved, last_hidden)
+        log.info("captured the decode step for %d rows", b)
+        return graph
+
+    def _restore(self, b: int, saved: dict, layers_saved: list[dict], last_hidden: Tensor) -> None:
+        self.slots.n_open[:b].copy_(saved["n_open"])
+        self.slots.open_tokens[:b].copy_(saved["open_tokens"])
+        self.slots.last_hidden[:b].copy_(last_hidden)
+        for layer, s in zip(self.slots.layers, layers_saved):
+            for k, v in s.items():
+                layer[k][:b].copy_(v)
+
+    def _commit(self, rows: list[int], learning: Learning) -> ChunkMetrics | None:
+        """Close the full open chunk of `rows`: re-forward it and learn (or only roll it).
+        Returns the commit's metrics (on the CPU, one row per entry of `rows`)."""
+        k = min(_bucket(len(rows)), self.capacity) if self.pad else len(rows)
+        # padded with repeats of the last row: they compute and write the same values twice
+        self.commit_rows[:k] = torch.tensor(rows + rows[-1:] * (k - len(rows))).to(self.commit_rows.device)
+        if not self.graphs:
+            metrics = self._commit_rows(k, learning)
+        elif (k, learning) in self._commit_graphs:
+            graph, metrics = self._commit_graphs[(k, learning)]
+            graph.replay()
+        else:  # the first commit of this shape runs for real, then is captured for the next ones
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                metrics = self._commit_rows(k, learning)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                captured = self._commit_rows(k, learning)
+            self._commit_graphs[(k, learning)] = (graph, captured)
+            log.info("captured the commit of %d rows", k)
+        return None if metrics is None else _to_cpu(metrics, len(rows))
+
+    def _commit_rows(self, k: int, learning: Learning) -> ChunkMetrics | None:
+        idx = self.commit_rows[:k]
+        sub = self.slots.map(lambda v: v.index_select(0, idx))
+        metrics = None
+        with torch.no_grad(), self._autocast():
+            if learning.any:
+                start = replace(sub, n_open=torch.zeros_like(sub.n_open))
+                _, done, metrics = self.model.learn_chunk(sub.open_tokens, start, learning)
+            else:
+                done = self.model.roll(sub)
+        # the re-forward recomputes the last token's hidden; keep the decode step's value so a
+        # commit never changes what the next token is sampled from
+        done = replace(done, last_hidden=sub.last_hidden)
+        for name, t in done.tensors().items():
+            buf = self.slots.tensors()[name]
+            buf.index_copy_(0, idx, t.to(buf.dtype))
+        return metrics
+
+
+def _to_cpu(m: ChunkMetrics, n: int) -> ChunkMetrics:
+    """The first n rows of each metric, read from the device in one transfer."""
+    keys = list(m.surprise)
+    flat = torch.stack([m.surprise[k][:n] for k in keys] + [m.update_norm[k][:n] for k in keys]).float().cpu()
+    return ChunkMetrics(dict(zip(keys, flat[:len(keys)])), dict(zip(keys, flat[len(keys):])))

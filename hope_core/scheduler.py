@@ -1,0 +1,330 @@
+"""Continuous batching: many sessions generating at once, one batched forward per step.
+
+A `Job` is one request's engine work on its session's working copy: absorb a prompt, generate
+up to `max_tokens` (each token absorbed, learning as it goes), optionally close the turn. The
+`Scheduler` runs jobs on one thread, step by step:
+
+1. admit waiting jobs while fewer than `max_batch` are running;
+2. absorb up to `prefill_tokens` prompt tokens, oldest job first, whole chunks of several jobs
+   in one batched forward, so a long prompt advances every step without stalling the sessions
+   that are decoding;
+3. run one decode step for every job that is generating: the logits of all of them, one batched
+   sampling, and one batched forward that absorbs the sampled tokens (`DecodeBatch`), committing
+   and learning the chunks that close, batched too.
+
+Jobs join the batch when their prompt is in and leave when they finish, between steps. Each job
+sees exactly what `Engine.generate` would produce for it alone (the same function of its own
+state and its own random numbers; batching changes only float rounding).
+
+`emit` is called on the scheduler thread with `PromptAbsorbed` and then each `TokenEvent`; if it
+raises (the client went away), the job ends there and its future gets that exception.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from hope_core.batch import DecodeBatch
+from hope_core.engine import (
+    AbsorbResult,
+    Engine,
+    GenerationResult,
+    PromptAbsorbed,
+    TextStream,
+    UpdateRecord,
+    _learning,
+    _records,
+)
+from hope_core.model import Learning
+from hope_core.sampling import SamplingParams, sample_rows
+from hope_core.state import SessionState
+
+log = logging.getLogger("hope.scheduler")
+
+Emit = Callable[[object], None]
+
+
+@dataclass
+class Job:
+    session: SessionState  # the working copy; its `state` is replaced when the job ends
+    prompt: list[int]
+    params: SamplingParams
+    learn: bool | Learning = True
+    close_turn: int | None = None  # absorbed after a reply that did not end on a stop token
+    emit: Emit | None = None
+    cancel: threading.Event | None = None  # set: drop the job before its next piece of work
+
+
+class Cancelled(Exception):
+    """A job's `cancel` event was set before it finished."""
+
+
+@dataclass
+class JobResult:
+    prompt_logprobs: list[float]
+    generation: GenerationResult | None  # None when max_tokens is 0 (scoring only)
+    updates: list[UpdateRecord] = field(default_factory=list)
+
+
+@dataclass
+class StepStats:
+    """What one scheduler step did, for metrics."""
+
+    batch_size: int  # jobs in the decode step (0: prefill only)
+    prefill_tokens: int
+    seconds: float
+
+
+class _Running:
+    def __init__(self, job: Job, future: Future) -> None:
+        self.job, self.future = job, future
+        self.learning = _learning(job.learn)
+        self.pos = 0  # prompt tokens absorbed
+        self.prompt_logprobs: list[float] = []
+        self.open: int | None = None  # tokens in the session's open chunk (host copy)
+        self.row: int | None = None  # row in the decode batch while generating
+        self.updates: list[UpdateRecord] = []  # made while absorbing the prompt
+        self.decode_updates: list[UpdateRecord] = []
+        self.close_updates: list[UpdateRecord] = []
+        self.text: TextStream | None = None
+        self.generator = job.params.generator()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.job.cancel is not None and self.job.cancel.is_set()
+
+    def emit(self, item: object) -> None:
+        if self.job.emit is not None:
+            self.job.emit(item)
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, max_batch: int = 64, prefill_tokens: int = 256,
+                 graphs: bool | None = None, on_step: Callable[[StepStats], None] | None = None,
+                 threads: int | None = None) -> None:
+        """`threads`: torch CPU threads of the scheduler's own thread (`start`). On CPU, keep
+        every other thread that runs torch work at one thread: a second OpenMP team in the
+        process (one per thread that ran a multi-threaded op) slows this one's steps by a third
+        to a half on a 2-core machine (measured; docs/benchmarks.md)."""
+        self.engine = engine
+        self.threads = threads
+        self.max_batch = max_batch
+        self.prefill_tokens = max(prefill_tokens, engine.cfg.chunk)
+        if graphs is None:
+            graphs = engine.device.type == "cuda"
+        self.batch = DecodeBatch(engine.model, engine.new_session().state, capacity=min(max_batch, 8),
+                                 graphs=graphs, autocast=engine.autocast)
+        self.on_step = on_step
+        self._waiting: deque[_Running] = deque()
+        self._prefill: deque[_Running] = deque()
+        self._decoding: list[_Running] = []  # index = row in the batch
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # ---- the public side (any thread) ---------------------------------------------------------
+
+    def submit(self, job: Job) -> Future[JobResult]:
+        if any(t < 0 or t >= self.engine.cfg.vocab_size for t in job.prompt):
+            raise ValueError("token id out of the vocabulary")
+        future: Future[JobResult] = Future()
+        with self._cv:
+            if self._stopping:
+                raise RuntimeError("the scheduler is stopped")
+            self._waiting.append(_Running(job, future))
+            self._cv.notify()
+        return future
+
+    def start(self) -> Scheduler:
+        self._thread = threading.Thread(target=self._loop, name="hope-scheduler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Finish nothing more: jobs still queued or running fail with RuntimeError."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join()
+        self._fail_all(RuntimeError("the scheduler stopped"))
+
+    @property
+    def busy(self) -> int:
+        """Jobs admitted or waiting."""
+        return len(self._waiting) + len(self._prefill) + len(self._decoding)
+
+    # ---- the loop ---------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        while True:
+            with self._cv:
+                while not self._stopping and not (self._waiting or self._prefill or self._decoding):
+                    self._cv.wait()
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception as e:  # a bug or out of memory: fail what is in flight, keep serving
+                log.exception("scheduler step failed")
+                self._fail_all(e)
+
+    def step(self) -> StepStats:
+        """One iteration: admit, a slice of prefill, one batched decode step."""
+        t0 = time.perf_counter()
+        with self._cv:
+            while self._waiting and len(self._prefill) + len(self._decoding) < self.max_batch:
+                self._prefill.append(self._waiting.popleft())
+        for r in [r for r in self._prefill if r.cancelled]:
+            self._prefill.remove(r)
+            self._end(r, Cancelled())
+        for r in sorted((r for r in self._decoding if r.cancelled), key=lambda r: -(r.row or 0)):
+            self._leave(r)
+            self._end(r, Cancelled())
+        n_prefill = self._prefill_step()
+        n_decode = len(self._decoding)
+        if n_decode:
+            self._decode_step()
+        stats = StepStats(n_decode, n_prefill, time.perf_counter() - t0)
+        if self.on_step is not None:
+            self.on_step(stats)
+        return stats
+
+    def _prefill_step(self) -> int:
+        """Absorb up to `prefill_tokens` prompt tokens, oldest job first, in rounds: each job
+        takes its piece up to its next chunk boundary (a whole chunk once it stands on one), and
+        the pieces of equal length run as one batched forward."""
+        budget, done = self.prefill_tokens, 0
+        C = self.engine.cfg.chunk
+        while budget > 0 and self._prefill:
+            groups: dict[tuple[int, Learning], list[_Running]] = {}
+            for r in list(self._prefill):
+                if budget <= 0:
+                    break
+                if r.open is None:
+                    r.open = int(r.job.session.state.n_open[0])
+                take = min(len(r.job.prompt) - r.pos, budget, C - r.open)
+                budget -= take
+                groups.setdefault((take, r.learning), []).append(r)
+            for (take, learning), rs in groups.items():
+                if take == 0:  # an empty prompt: straight to decoding
+                    for r in rs:
+                        self._absorb(r, 0, None)
+                    continue
+                try:
+                    results = self.engine.absorb_batch([r.job.session for r in rs],
+                                                       [r.job.prompt[r.pos:r.pos + take] for r in rs], learning)
+                except Exception as e:
+                    for r in rs:
+                        self._prefill.remove(r)
+                        self._end(r, e)
+                    continue
+                for r, res in zip(rs, results):
+                    self._absorb(r, take, res)
+                done += take * len(rs)
+        return done
+
+    def _absorb(self, r: _Running, take: int, res: AbsorbResult | None) -> bool:
+        """Account for (or, without `res`, run) the absorption of the next `take` prompt tokens;
+        a job whose prompt is in leaves prefill. Returns whether the job is still healthy."""
+        prompt = r.job.prompt
+        try:
+            if res is None and take:
+                res = self.engine.absorb(r.job.session, prompt[r.pos:r.pos + take], r.learning)
+            if res is not None:
+                r.prompt_logprobs += res.logprobs
+                r.updates += res.updates
+            r.pos, r.open = r.pos + take, (r.open + take) % self.engine.cfg.chunk
+            if r.pos < len(prompt):
+                return True
+            self._prefill.remove(r)
+            r.emit(PromptAbsorbed(list(prompt), r.prompt_logprobs))
+        except Exception as e:
+            if r in self._prefill:
+                self._prefill.remove(r)
+            self._end(r, e)
+            return False
+        if r.job.params.max_tokens == 0:
+            self._end(r)
+        else:
+            r.text = TextStream(self.engine.tokenizer, r.job.params)
+            r.row = self.batch.join(r.job.session.state)
+            self._decoding.append(r)
+        return True
+
+    def _decode_step(self) -> None:
+        rows = self._decoding
+        logits = self.batch.logits()
+        tokens = sample_rows(logits, [r.job.params for r in rows], [r.generator for r in rows])
+        picked = torch.tensor(tokens, device=logits.device)[:, None]
+        lps = F.log_softmax(logits, -1).gather(1, picked)[:, 0].tolist()
+        commits = self.batch.step(tokens, [r.learning for r in rows])
+        for row_ids, metrics in commits:
+            if metrics is None:
+                continue
+            for i, row in enumerate(row_ids):
+                rows[row].decode_updates += _records(metrics, i)
+        finished: list[tuple[_Running, BaseException | None]] = []
+        for r, tok, lp in zip(rows, tokens, lps):
+            assert r.text is not None
+            event = r.text.push(tok, lp)
+            try:
+                r.emit(event)
+            except BaseException as e:  # the consumer is gone: stop this job, keep the others
+                finished.append((r, e))
+                continue
+            if r.text.finished:
+                finished.append((r, None))
+        # leave in descending row order, so a row that moves into a hole has been handled
+        for r, err in sorted(finished, key=lambda x: -(x[0].row or 0)):
+            self._leave(r)
+            if err is None:
+                self._close_turn(r)
+            self._end(r, err)
+
+    def _leave(self, r: _Running) -> None:
+        assert r.row is not None
+        last = self.batch.n - 1
+        r.job.session.state = self.batch.leave(r.row)
+        moved = self._decoding[last]
+        self._decoding[r.row] = moved
+        moved.row = r.row
+        self._decoding.pop()
+        r.row = None
+
+    def _close_turn(self, r: _Running) -> None:
+        assert r.text is not None
+        close = r.job.close_turn
+        if close is not None and not (r.text.ids and r.text.ids[-1] in r.text.stop_ids):
+            r.close_updates = self.engine.absorb(r.job.session, [close], r.learning).updates
+
+    def _end(self, r: _Running, error: BaseException | None = None) -> None:
+        if r.future.done():
+            return
+        if error is not None:
+            r.future.set_exception(error)
+            return
+        gen = r.text.result(r.decode_updates) if r.text is not None else None
+        r.future.set_result(JobResult(r.prompt_logprobs, gen, r.updates + r.decode_updates + r.close_updates))
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._cv:
+            jobs = [*self._waiting, *self._prefill, *self._decoding]
+            self._waiting.clear()
+            self._prefill.clear()
+        self._decoding = []
+        self.batch.n = 0
+        self.batch.open_counts = []
+        for r in jobs:
+            self._end(r, error)

@@ -1,0 +1,128 @@
+"""`hope bench`: the baselines are the right size and decode correctly, every part produces numbers on
+the real thing (stores, Redis, a `hope serve` process), and the report has its tables."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import redis
+import torch
+
+from bench import baselines, gpu, http_load, state_io
+from bench.timing import percentile
+from hope_core.checkpoint import load_checkpoint
+from hope_core.engine import Engine
+from tests.server.support import REDIS_URL, make_checkpoint, redis_available
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("bench-tiny"))
+
+
+def test_percentile() -> None:
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert percentile([0.0, 10.0], 99) == pytest.approx(9.9)
+    assert math.isnan(percentile([], 50))
+
+
+def test_baseline_has_hopes_parameter_count() -> None:
+    hope = load_checkpoint().model
+    target = sum(p.numel() for p in hope.parameters())
+    cfg = baselines.matching_config(target, hope.cfg.vocab_size, hope.cfg.d_model, hope.cfg.n_heads)
+    model = baselines.build_model(cfg, "cpu")
+    n = sum(p.numel() for p in model.parameters())
+    assert n == cfg.n_params()
+    assert abs(n - target) / target < 0.05
+    assert (cfg.vocab_size, cfg.d_model) == (hope.cfg.vocab_size, hope.cfg.d_model)
+    if baselines.hf_available():  # the transformers model is the same size: same architecture
+        hf = baselines.build_hf_model(cfg, "cpu")
+        assert sum(p.numel() for p in hf.parameters()) == n
+
+
+def test_kv_cache_loop_decodes_like_full_recompute() -> None:
+    cfg = baselines.GPTConfig(vocab_size=512, d_model=64, n_layers=3, n_heads=4, n_positions=128)
+    model = baselines.build_model(cfg, "cpu", seed=1)
+    prompt = baselines.random_prompt(cfg, batch=3, length=16, seed=2)
+    cached = baselines.kv_generate(model, prompt, 24, greedy=True)
+    full = baselines.full_generate(model, prompt, 24)
+    assert cached.shape == (3, 24)
+    assert torch.equal(cached, full)
+    # the cache's logits are those of the full sequence, not only their argmax
+    dec = baselines.KVDecoder(model, prompt, 4)
+    dec.prefill()
+    toks = dec.decode(4)
+    with torch.inference_mode():
+        ref = model(torch.cat([prompt, toks], 1))[:, -1]
+    torch.testing.assert_close(dec.logits, ref, rtol=1e-4, atol=1e-5)
+    assert baselines.kv_loop_speed(model, 2, 8, 8) > 0
+
+
+def test_state_io_measures_every_store(tiny: Path) -> None:
+    stores = ["memory", "sqlite"] + (["redis"] if redis_available() else [])
+    res = state_io.run(load_checkpoint(tiny), d_models=[32], reps=2, stores=stores, redis_url=REDIS_URL,
+                       log=lambda _: None)
+    assert {r.store for r in res.rows} == set(stores)
+    assert len(res.rows) == 3 * len(stores)  # fp32, bf16, and the d32 state, per store
+    for row in res.rows:
+        assert row.nbytes > 0 and not row.note
+        for v in (row.load_p50_ms, row.load_p99_ms, row.store_p50_ms, row.store_p99_ms):
+            assert v is not None and v > 0
+    sizes = {r.case: r.nbytes for r in res.rows}
+    fp32, bf16 = (next(v for k, v in sizes.items() if k.endswith(s) and "d64" in k) for s in ("fp32", "bf16"))
+    assert bf16 < fp32
+    if redis_available():  # nothing left behind
+        assert not list(redis.Redis.from_url(REDIS_URL).scan_iter(match="hopebench-*"))
+
+
+def test_step_bytes_add_up(tiny: Path) -> None:
+    engine = Engine(load_checkpoint(tiny))
+    one, eight = gpu.step_bytes(engine, 1), gpu.step_bytes(engine, 8)
+    read, total = gpu.state_bytes(engine.new_session().state, engine.cfg)
+    assert 0 < read < total
+    assert one.weights == eight.weights == sum(p.numel() * 4 for p in engine.model.parameters())
+    assert eight.total - one.total == pytest.approx(7 * one.per_session)
+    assert one.commit == pytest.approx(2 * total / engine.cfg.chunk)
+    assert gpu.step_bytes(engine, 1, learn=False).commit == 0
+    r = gpu.roofline(engine, 8, step_s=0.01, bandwidth=1e12)
+    assert r.fraction == pytest.approx(eight.total / 0.01 / 1e12)
+    with pytest.raises(ValueError):
+        gpu.measure_bandwidth("cpu")
+
+
+def test_http_load_against_a_real_server(tiny: Path) -> None:
+    cfg = http_load.LoadConfig(levels=[2], max_tokens=8, min_requests=4)
+    res = http_load.run(cfg, checkpoint=str(tiny), threads=1, log=lambda _: None)
+    (level,) = res.levels
+    assert (level.concurrency, level.requests, level.errors) == (2, 4, 0), level.first_error
+    assert level.output_tokens == 4 * 8
+    assert level.tokens_per_s > 0
+    assert 0 < level.ttft_p50 <= level.ttft_p99
+    assert 0 < level.itl_p50 <= level.itl_p99
+
+
+def test_quick_run_writes_the_report(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bench import cli
+
+    md, js = tmp_path / "benchmarks.md", tmp_path / "bench.json"
+    cli.main(["--quick", "--device", "cpu", "--checkpoint", str(tiny), "--only", "engine,baselines,state_io",
+              "--levels", "1,2", "--no-hf", "--write", str(md), "--json", str(js)])
+    text = md.read_text()
+    assert text == capsys.readouterr().out.rstrip("\n") + "\n"
+    for heading in ("# Benchmarks", "## Targets (issue #4)", "## Single-session decode", "## Frozen baselines",
+                    "## Session state load and store"):
+        assert heading in text
+    assert "command: `hope bench --quick --device cpu" in text
+    assert f"torch {torch.__version__}" in text
+    assert "| learning on >= 0.7 x learning off, one session |" in text
+    assert "| 1 | " in text and "| memory | " in text and "| sqlite | " in text
+    data = json.loads(js.read_text())
+    assert data["engine"]["single"]["learn_on"] > 0
+    assert data["baselines"]["rows"][0]["tokens_per_s"] > 0
+    assert data["failed"] == {}
+    if data["engine"]["concurrency"]:  # the scheduler is there
+        assert "## Concurrent sessions" in text
+        assert [r["sessions"] for r in data["engine"]["concurrency"]] == [1, 2]

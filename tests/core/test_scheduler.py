@@ -1,0 +1,224 @@
+"""Continuous batching (hope_core.scheduler, hope_core.batch): a job run inside a changing batch
+gets what `Engine.generate` gives it alone, and the batch never mixes sessions up."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import pytest
+import torch
+from hope_testkit import ATOL
+
+from hope_core.batch import DecodeBatch
+from hope_core.engine import Engine, PromptAbsorbed, TokenEvent
+from hope_core.model import Learning
+from hope_core.sampling import SamplingParams, sample, sample_rows
+from hope_core.scheduler import Job, Scheduler
+
+
+def alone(engine: Engine, prompt: list[int], params: SamplingParams, learn=True, base=None):
+    session = (base or engine.new_session()).copy()
+    gen = engine.generate(session, prompt, params, learn)
+    for _ in gen:
+        pass
+    return gen.result, session
+
+
+def assert_same_state(a, b) -> None:
+    ta, tb = a.state.tensors(), b.state.tensors()
+    for name in ta:
+        torch.testing.assert_close(ta[name].float(), tb[name].float(), atol=ATOL, rtol=0, msg=name)
+
+
+def random_jobs(engine: Engine, n: int, seed: int) -> list[tuple[list[int], SamplingParams, Learning]]:
+    rng = random.Random(seed)
+    jobs = []
+    for i in range(n):
+        prompt = [rng.randrange(5, 4000) for _ in range(rng.randrange(1, 40))]
+        params = SamplingParams(max_tokens=rng.randrange(1, 30), seed=seed * 100 + i,
+                                temperature=rng.choice([0.0, 0.7, 1.0]), top_p=rng.choice([1.0, 0.9]),
+                                top_k=rng.choice([0, 20]))
+        learn = rng.choice([Learning(), Learning(), Learning.off(), Learning(mid=False)])
+        jobs.append((prompt, params, learn))
+    return jobs
+
+
+def run_to_end(sched: Scheduler, futures) -> int:
+    steps = 0
+    while not all(f.done() for f in futures):
+        sched.step()
+        steps += 1
+    return steps
+
+
+@pytest.mark.parametrize("max_batch,prefill", [(3, 4), (8, 64)])
+def test_a_batched_job_equals_the_same_job_alone(any_engine, max_batch, prefill):
+    engine = any_engine
+    jobs = random_jobs(engine, 7, seed=max_batch)
+    sched = Scheduler(engine, max_batch=max_batch, prefill_tokens=prefill)
+    sessions = [engine.new_session() for _ in jobs]
+    futures = [sched.submit(Job(s, p, sp, learn)) for s, (p, sp, learn) in zip(sessions, jobs)]
+    run_to_end(sched, futures)
+    for (prompt, params, learn), session, fut in zip(jobs, sessions, futures):
+        ref, ref_session = alone(engine, prompt, params, learn)
+        got = fut.result()
+        assert got.generation.token_ids == ref.token_ids
+        assert got.generation.text == ref.text
+        assert got.generation.finish_reason == ref.finish_reason
+        torch.testing.assert_close(torch.tensor(got.generation.logprobs), torch.tensor(ref.logprobs),
+                                   atol=ATOL, rtol=0)
+        assert [u.level for u in got.updates] == [u.level for u in ref.updates]
+        assert_same_state(session, ref_session)
+
+
+def test_prompt_logprobs_and_scoring_only_jobs(engine):
+    prompt = list(range(100, 137))
+    session = engine.new_session()
+    sched = Scheduler(engine, prefill_tokens=8)
+    events: list = []
+    fut = sched.submit(Job(session, prompt, SamplingParams(max_tokens=0), emit=events.append))
+    run_to_end(sched, [fut])
+    ref_session = engine.new_session()
+    ref = engine.absorb(ref_session, prompt)
+    torch.testing.assert_close(torch.tensor(fut.result().prompt_logprobs), torch.tensor(ref.logprobs),
+                               atol=ATOL, rtol=0)
+    assert fut.result().generation is None
+    assert len(events) == 1 and isinstance(events[0], PromptAbsorbed) and events[0].token_ids == prompt
+    assert_same_state(session, ref_session)
+
+
+def test_close_turn_is_absorbed_after_a_reply_cut_by_max_tokens(engine):
+    prompt, params = [300, 301, 302], SamplingParams(max_tokens=5, seed=3)
+    session = engine.new_session()
+    sched = Scheduler(engine)
+    fut = sched.submit(Job(session, prompt, params, close_turn=7))
+    run_to_end(sched, [fut])
+    ref, ref_session = alone(engine, prompt, params)
+    engine.absorb(ref_session, [7])
+    assert fut.result().generation.token_ids == ref.token_ids
+    assert session.tokens_absorbed == ref_session.tokens_absorbed
+    assert_same_state(session, ref_session)
+
+
+def test_a_long_prompt_does_not_stall_the_sessions_that_decode(engine):
+    sched = Scheduler(engine, prefill_tokens=8)
+    decoding = sched.submit(Job(engine.new_session(), [5], SamplingParams(max_tokens=20, seed=1)))
+    sched.step()  # its prompt is in; it decodes from now on
+    long = sched.submit(Job(engine.new_session(), list(range(200, 400)), SamplingParams(max_tokens=1)))
+    steps = 0
+    while not long.done():
+        stats = sched.step()
+        steps += 1
+        assert stats.prefill_tokens <= 8
+        if not decoding.done():
+            assert stats.batch_size >= 1  # the decoding job advanced in this very step
+    assert steps >= 200 // 8
+    assert decoding.done()
+
+
+def test_a_consumer_that_goes_away_ends_only_its_own_job(engine):
+    jobs = random_jobs(engine, 4, seed=11)
+    jobs = [(p, SamplingParams(max_tokens=20, seed=i), learn) for i, (p, _, learn) in enumerate(jobs)]
+    seen: list[int] = []
+
+    def leave_after_three(item):
+        if isinstance(item, TokenEvent):
+            seen.append(item.token_id)
+            if len(seen) == 3:
+                raise ConnectionAbortedError
+
+    sched = Scheduler(engine, max_batch=4)
+    sessions = [engine.new_session() for _ in jobs]
+    before = sessions[1].tokens_absorbed
+    futures = [sched.submit(Job(s, p, sp, learn, emit=leave_after_three if i == 1 else None))
+               for i, (s, (p, sp, learn)) in enumerate(zip(sessions, jobs))]
+    run_to_end(sched, futures)
+    with pytest.raises(ConnectionAbortedError):
+        futures[1].result()
+    # like a closed `Engine.generate`: the working copy holds exactly what was handed out
+    assert sessions[1].tokens_absorbed == before + len(jobs[1][0]) + 3
+    for i in (0, 2, 3):
+        ref, ref_session = alone(engine, *jobs[i])
+        assert futures[i].result().generation.token_ids == ref.token_ids
+        assert_same_state(sessions[i], ref_session)
+
+
+def test_the_background_thread_serves_jobs_submitted_from_many_threads(engine):
+    sched = Scheduler(engine, max_batch=4).start()
+    jobs = random_jobs(engine, 10, seed=5)
+    results: dict[int, object] = {}
+
+    def client(i: int) -> None:
+        prompt, params, learn = jobs[i]
+        results[i] = sched.submit(Job(engine.new_session(), prompt, params, learn)).result(timeout=60)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    sched.stop()
+    for i, (prompt, params, learn) in enumerate(jobs):
+        assert results[i].generation.token_ids == alone(engine, prompt, params, learn)[0].token_ids
+    with pytest.raises(RuntimeError):
+        sched.submit(Job(engine.new_session(), [1], SamplingParams(max_tokens=1)))
+
+
+def test_out_of_vocabulary_prompts_are_refused_at_submit(engine):
+    with pytest.raises(ValueError):
+        Scheduler(engine).submit(Job(engine.new_session(), [engine.cfg.vocab_size], SamplingParams()))
+
+
+def test_rows_keep_their_sessions_through_joins_and_leaves(engine):
+    """Slots are reused and rows move when sessions leave: every row still holds its session."""
+    states = []
+    for i in range(5):
+        s = engine.new_session()
+        engine.absorb(s, list(range(10 + i, 13 + 3 * i)))
+        states.append(s.state)
+    batch = DecodeBatch(engine.model, engine.new_session().state, capacity=2)
+    for st in states[:4]:
+        batch.join(st)  # grows past its capacity
+    out = batch.leave(1)  # row 3 moves into row 1
+    torch.testing.assert_close(out.layers[0]["open_k"], states[1].layers[0]["open_k"])
+    batch.join(states[4])
+    expect = [states[0], states[3], states[2], states[4]]
+    for row, st in enumerate(expect):
+        got = batch.row_state(row)
+        for name, t in st.tensors().items():
+            torch.testing.assert_close(got.tensors()[name], t, msg=name)
+    assert batch.open_counts == [int(st.n_open[0]) for st in expect]
+
+
+def test_sampling_a_row_does_not_depend_on_the_other_rows():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 50, generator=g) * 3
+    params = [SamplingParams(temperature=0.9, top_p=p, top_k=k, seed=s)
+              for s, (p, k) in enumerate([(1.0, 0), (0.8, 0), (1.0, 5), (0.5, 3), (1.0, 0), (0.0001, 0)])]
+    for trial in range(20):
+        gens = [random.Random(trial * 10 + i) for i in range(6)]
+        together = sample_rows(logits, params, gens)
+        single = [sample(logits[i], params[i], random.Random(trial * 10 + i)) for i in range(6)]
+        assert together == single
+        assert together[5] == int(logits[5].argmax())  # a vanishing top_p is greedy
+        for row, p in zip(together, params):
+            if p.top_k:
+                assert row in torch.topk(logits[params.index(p)], p.top_k).indices.tolist()
+
+
+def test_padded_steps_compute_the_same_as_exact_ones(engine):
+    """The CUDA-graph path runs power-of-two batches whose extra rows are padding; on the CPU the
+    same padded shapes run eagerly (`pad=True`): the real rows must not notice."""
+    jobs = random_jobs(engine, 5, seed=21)
+    results = []
+    for pad in (False, True):
+        sched = Scheduler(engine, max_batch=5, prefill_tokens=16)
+        sched.batch = DecodeBatch(engine.model, engine.new_session().state, capacity=8, pad=pad)
+        sessions = [engine.new_session() for _ in jobs]
+        futures = [sched.submit(Job(s, p, sp, learn)) for s, (p, sp, learn) in zip(sessions, jobs)]
+        run_to_end(sched, futures)
+        results.append(([f.result().generation.token_ids for f in futures], sessions))
+    assert results[0][0] == results[1][0]
+    for a, b in zip(results[0][1], results[1][1]):
+        assert_same_state(a, b)
