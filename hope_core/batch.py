@@ -103,12 +103,14 @@ class DecodeBatch:
 
     # ---- the step ------------------------------------------------------------------------------
 
-    def step(self, tokens: Sequence[int], learning: Sequence[Learning]):
-        """Absorb one token per active row; commit the rows whose chunk closes (each learning as
-        its own switches say). Returns each commit's (rows, ChunkMetrics or None if only rolled)."""
+    def step(self, tokens: Sequence[int] | Tensor, learning: Sequence[Learning]):
+        """Absorb one token per active row (a list, or a tensor on any device); commit the rows
+        whose chunk closes, each learning as its own switches say. Returns each commit's
+        (rows, ChunkMetrics or None if only rolled)."""
         n = self.n
-        self.tokens[:n, 0] = torch.tensor(list(tokens), dtype=torch.long).to(self.tokens.device,
-                                                                             non_blocking=True)
+        if not isinstance(tokens, Tensor):
+            tokens = torch.tensor(list(tokens), dtype=torch.long)
+        self.tokens[:n, 0] = tokens.to(self.tokens.device, non_blocking=True)
         with torch.no_grad(), self._autocast():
             self._forward(n)
         full = [i for i in range(n) if self.open_counts[i] + 1 == self.cfg.chunk]

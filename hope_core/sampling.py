@@ -53,15 +53,21 @@ def sample(logits: Tensor, params: SamplingParams, generator: random.Random | No
 
 def sample_rows(logits: Tensor, params: list[SamplingParams],
                 generators: list[random.Random | None]) -> list[int]:
-    """One token id per row of logits [B, V] (any device), each row with its own parameters.
+    """One token id per row of logits [B, V] (any device), each row with its own parameters."""
+    return pick_tokens(logits, params, generators).tolist()
+
+
+def pick_tokens(logits: Tensor, params: list[SamplingParams],
+                generators: list[random.Random | None]) -> Tensor:
+    """`sample_rows` as a tensor [B] on the logits' device, read by nobody yet.
 
     Rows are sampled together by inverse CDF: row i takes the first token whose cumulative
     probability reaches u_i, where u_i is drawn from that row's own generator. A seeded
-    request therefore gets the same tokens alone and inside any batch. One device read."""
+    request therefore gets the same tokens alone and inside any batch."""
     V = logits.shape[1]
     greedy = torch.tensor([is_greedy(p) for p in params])
     if bool(greedy.all()):
-        return logits.argmax(-1).tolist()
+        return logits.argmax(-1)
     dev = logits.device
     u = torch.tensor([(g or _UNSEEDED).random() for g in generators]).to(dev, non_blocking=True)
     temp = torch.tensor([1.0 if is_greedy(p) else p.temperature for p in params], device=dev)
@@ -80,8 +86,7 @@ def sample_rows(logits: Tensor, params: list[SamplingParams],
         scaled = scaled.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
     cdf = torch.cumsum(torch.softmax(scaled, -1), -1)
     pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp_max(V - 1)[:, 0]
-    pick = torch.where(greedy.to(dev), logits.argmax(-1), pick)
-    return pick.tolist()
+    return torch.where(greedy.to(dev), logits.argmax(-1), pick)
 
 
 class StopMatcher:

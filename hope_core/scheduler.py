@@ -45,7 +45,7 @@ from hope_core.engine import (
     _records,
 )
 from hope_core.model import Learning
-from hope_core.sampling import SamplingParams, sample_rows
+from hope_core.sampling import SamplingParams, pick_tokens
 from hope_core.state import SessionState
 
 log = logging.getLogger("hope.scheduler")
@@ -266,10 +266,13 @@ class Scheduler:
     def _decode_step(self) -> None:
         rows = self._decoding
         logits = self.batch.logits()
-        tokens = sample_rows(logits, [r.job.params for r in rows], [r.generator for r in rows])
-        picked = torch.tensor(tokens, device=logits.device)[:, None]
-        lps = F.log_softmax(logits, -1).gather(1, picked)[:, 0].tolist()
-        commits = self.batch.step(tokens, [r.learning for r in rows])
+        picked = pick_tokens(logits, [r.job.params for r in rows], [r.generator for r in rows])
+        lps = F.log_softmax(logits, -1).gather(1, picked[:, None])[:, 0]
+        # the step's one read from the device: each row's token and its log-probability (float64
+        # holds the ids exactly); the tokens go into the batch's forward without leaving it
+        host = torch.stack([picked.double(), lps.double()]).tolist()
+        tokens, lps = [int(t) for t in host[0]], host[1]
+        commits = self.batch.step(picked, [r.learning for r in rows])
         for row_ids, metrics in commits:
             if metrics is None:
                 continue
