@@ -106,7 +106,7 @@ def _header(r: BenchResults) -> list[str]:
     lines = ["# Benchmarks", "",
              "Made by `hope bench` (package `bench/`); rerun it to replace this file. Tokens/s are aggregate over",
              "all sessions or batch rows; the baselines are frozen GPT-2-style transformers with random weights and",
-             "HOPE's parameter count.", "",
+             "HOPE's parameter count. The run on an H200 is in [benchmarks-gpu.md](benchmarks-gpu.md).", "",
              f"- command: `{m.command}`",
              f"- date: {m.date}",
              f"- CPU: {m.cpu}, {m.cores} cores available, {m.threads} torch threads"
