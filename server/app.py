@@ -95,6 +95,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
 def _count_step(metrics: Metrics, stats: StepStats) -> None:
     metrics.scheduler_steps.inc()
+    metrics.step_seconds.observe(stats.seconds)
     if stats.batch_size:
         metrics.batch_size.observe(stats.batch_size)
 

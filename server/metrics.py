@@ -74,6 +74,9 @@ class Metrics:
         self.batch_size = Histogram("hope_batch_size", "Sessions in each batched decode step",
                                     buckets=_BATCH, registry=r)
         self.scheduler_steps = Counter("hope_scheduler_steps", "Steps run by the engine's scheduler", registry=r)
+        self.step_seconds = Histogram("hope_scheduler_step_seconds",
+                                      "Wall time of one scheduler step (prefill slice, batched decode, commits)",
+                                      buckets=_TOKEN_LATENCY, registry=r)
         self.model_info = Info("hope_model", "The checkpoint being served", registry=r)
         for level in ("titans", "fast", "mid"):  # present from the start, at zero
             self.memory_updates.labels(level)

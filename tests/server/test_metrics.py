@@ -18,7 +18,8 @@ COUNTERS = ["hope_prompt_tokens", "hope_generation_tokens", "hope_memory_updates
             "hope_session_cache_misses", "hope_session_cache_evictions", "hope_scheduler_steps"]
 HISTOGRAMS = ["hope_surprise", "hope_update_norm", "hope_time_to_first_token_seconds",
               "hope_inter_token_latency_seconds", "hope_e2e_request_latency_seconds", "hope_session_state_bytes",
-              "hope_session_state_load_seconds", "hope_session_state_store_seconds", "hope_batch_size"]
+              "hope_session_state_load_seconds", "hope_session_state_store_seconds", "hope_batch_size",
+              "hope_scheduler_step_seconds"]
 GAUGES = ["hope_requests_running", "hope_requests_waiting", "hope_sessions_cached", "hope_session_cache_bytes"]
 
 
