@@ -114,7 +114,7 @@ class Scheduler:
         """`threads`: torch CPU threads of the scheduler's own thread (`start`). On CPU, keep
         every other thread that runs torch work at one thread: a second OpenMP team in the
         process (one per thread that ran a multi-threaded op) slows this one's steps by a third
-        to a half on a 2-core machine (measured; docs/benchmarks.md)."""
+        to a half on a 2-core machine (docs/architecture.md, "Many sessions at once")."""
         self.engine = engine
         self.threads = threads
         self.max_batch = max_batch

@@ -48,7 +48,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="HOPE_LOG_LEVEL, default info")
     p.add_argument("--busy-policy", choices=["wait", "reject"], help="a request on a busy session waits or "
                    "gets 409 (HOPE_BUSY_POLICY, default wait)")
-    p.add_argument("--max-concurrent-requests", type=int, help="HOPE_MAX_CONCURRENT_REQUESTS, default 4")
+    p.add_argument("--max-concurrent-requests", type=int, help="HOPE_MAX_CONCURRENT_REQUESTS, default 64")
     p.add_argument("--session-ttl", type=float, dest="session_ttl_s",
                    help="seconds a session lives without use, 0 forever (HOPE_SESSION_TTL_S)")
     p.add_argument("--state-dtype", choices=["float32", "bfloat16"], help="HOPE_STATE_DTYPE, default float32")
