@@ -113,10 +113,29 @@ class SessionState:
                 t = t.float()
                 if not torch.isfinite(t).all():
                     raise StateError(f"{name}: not finite")
-            out[name] = t.unsqueeze(0).to(device)
-        state = State.from_tensors(out, model.cfg.n_layers)
+            out[name] = t.unsqueeze(0)
+        state = State.from_tensors(to_device(out, torch.device(device)), model.cfg.n_layers)
         _check_counters(state, model)
         return cls(state, fingerprint, version)
+
+
+def to_device(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Move a state's tensors to `device`. On CUDA the copies run on a side stream from pinned
+    memory, so a session loading (on an I/O thread) overlaps the scheduler's steps on the
+    default stream; the call returns once the copies are done."""
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in tensors.items()}
+    default = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    # allocated in the default stream's order; the side stream first waits for the work already
+    # queued there, which may still read memory these blocks reuse
+    out = {k: torch.empty(v.shape, dtype=v.dtype, device=device) for k, v in tensors.items()}
+    side.wait_stream(default)
+    with torch.cuda.stream(side):
+        for k, v in tensors.items():
+            out[k].copy_(v.pin_memory(), non_blocking=True)
+    side.synchronize()
+    return out
 
 
 def _read_metadata(blob: bytes) -> dict[str, str]:
