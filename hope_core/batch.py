@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -97,6 +96,11 @@ class DecodeBatch:
         self.open_counts.pop()
         self.n -= 1
         return out
+
+    def clear(self) -> None:
+        """Drop every row (their contents stay as padding)."""
+        self.n = 0
+        self.open_counts = []
 
     def row_state(self, row: int) -> State:
         return self.slots.map(lambda v: v[row:row + 1].clone())
@@ -213,17 +217,8 @@ class DecodeBatch:
 
     def _commit_rows(self, k: int, learning: Learning) -> ChunkMetrics | None:
         idx = self.commit_rows[:k]
-        sub = self.slots.map(lambda v: v.index_select(0, idx))
-        metrics = None
         with torch.no_grad(), self._autocast():
-            if learning.any:
-                start = replace(sub, n_open=torch.zeros_like(sub.n_open))
-                _, done, metrics = self.model.learn_chunk(sub.open_tokens, start, learning)
-            else:
-                done = self.model.roll(sub)
-        # the re-forward recomputes the last token's hidden; keep the decode step's value so a
-        # commit never changes what the next token is sampled from
-        done = replace(done, last_hidden=sub.last_hidden)
+            done, metrics = self.model.close_chunk(self.slots.map(lambda v: v.index_select(0, idx)), learning)
         for name, t in done.tensors().items():
             buf = self.slots.tensors()[name]
             buf.index_copy_(0, idx, t.to(buf.dtype))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -198,23 +198,14 @@ class Engine:
         updates: list[UpdateRecord] = []
         n_open = int(state.n_open[0])  # tracked here: one device read per call, not per piece
         pos = 0
-        with torch.no_grad(), self.amp():
-            while pos < len(tokens):
-                take = min(C - n_open, len(tokens) - pos)
-                piece = toks[:, pos:pos + take]
-                prev = state.last_hidden[:, None]
-                if n_open == 0 and take == C:  # a whole chunk: compute and learn it at once
-                    hidden, state, metrics = self.model.learn_chunk(piece, state, learning)
-                    updates += _records(metrics, 0)
-                else:
-                    hidden, state, _ = self.model.forward_open(piece, state)
-                    if n_open + take == C:
-                        state, recs = self._commit(state, learning)
-                        updates += recs.get(0, [])
-                if score:
-                    logprobs += self._logprobs(torch.cat([prev, hidden[:, :-1]], 1), piece)
-                n_open = (n_open + take) % C
-                pos += take
+        while pos < len(tokens):
+            take = min(C - n_open, len(tokens) - pos)
+            state, recs, lps = self._absorb_piece(state, toks[:, pos:pos + take], learning,
+                                                  closes=n_open + take == C, score=score)
+            updates += recs.get(0, [])
+            logprobs += lps[0] if score else []
+            n_open = (n_open + take) % C
+            pos += take
         session.state = state
         return AbsorbResult(logprobs, updates)
 
@@ -235,52 +226,46 @@ class Engine:
         batch = State.cat([s.state for s in sessions])
         if bool((batch.n_open + T > C).any()):
             raise ValueError("a piece crosses a chunk boundary")
-        with torch.no_grad(), self.amp():
-            if T == C:  # whole chunks from a boundary: compute and learn them at once
-                hidden, done, metrics = self.model.learn_chunk(toks, batch, learning)
-                recs = {i: _records(metrics, i) for i in range(len(sessions))}
-            else:
-                hidden, done, _ = self.model.forward_open(toks, batch)
-                recs = {}
-                if bool((done.n_open == C).any()):
-                    done, recs = self._commit(done, learning)
-            prev = torch.cat([batch.last_hidden[:, None], hidden[:, :-1]], 1)
-            logp = F.log_softmax(self.model.logits(prev).float(), -1)
-            lps = logp.gather(-1, toks[..., None])[..., 0].tolist()
+        done, recs, lps = self._absorb_piece(batch, toks, learning, closes=bool((batch.n_open + T == C).any()))
         results = []
         for i, session in enumerate(sessions):
             session.state = done.select(torch.tensor([i], device=self.device))
             results.append(AbsorbResult(lps[i], recs.get(i, [])))
         return results
 
+    def _absorb_piece(self, state: State, toks: Tensor, learning: Learning, closes: bool, score: bool = True
+                      ) -> tuple[State, dict[int, list[UpdateRecord]], list[list[float]]]:
+        """Tokens [B, T] into every row, none crossing a chunk boundary; `closes`: whether some
+        row's chunk closes (the caller knows). Returns the new state, each committed row's
+        updates and, with `score`, each row's log-probabilities."""
+        prev = state.last_hidden[:, None]
+        with torch.no_grad(), self.amp():
+            if toks.shape[1] == self.cfg.chunk:  # whole chunks from a boundary: compute and learn at once
+                hidden, state, metrics = self.model.learn_chunk(toks, state, learning)
+                recs = {i: _records(metrics, i) for i in range(toks.shape[0])}
+            else:
+                hidden, state, _ = self.model.forward_open(toks, state)
+                recs = {}
+                if closes:
+                    state, recs = self._commit(state, learning)
+            lps = self._logprobs(torch.cat([prev, hidden[:, :-1]], 1), toks) if score else []
+        return state, recs, lps
+
     def _commit(self, state: State, learning: Learning
                 ) -> tuple[State, dict[int, list[UpdateRecord]]]:
-        """Close full open chunks (rows with n_open == chunk): re-forward them and learn.
+        """Close full open chunks (rows with n_open == chunk), learning as `learning` says.
 
         Returns the new state and the updates of each committed row."""
-        if not learning.any:
-            return self._roll_full(state), {}
         full = (state.n_open == self.cfg.chunk).nonzero(as_tuple=True)[0]
-        sub = state.select(full)
-        start = replace(sub, n_open=torch.zeros_like(sub.n_open))
-        _, done, metrics = self.model.learn_chunk(sub.open_tokens, start, learning)
-        # the re-forward recomputes the last token's hidden; keep the decode step's value so a
-        # commit never changes what the next token is sampled from
-        done = replace(done, last_hidden=sub.last_hidden)
-        recs = {row: _records(metrics, i) for i, row in enumerate(full.tolist())}
+        done, metrics = self.model.close_chunk(state.select(full), learning)
+        recs = {} if metrics is None else {row: _records(metrics, i) for i, row in enumerate(full.tolist())}
         if len(full) == state.batch_size:
             return done, recs
         return state.scatter(full, done), recs
 
-    def _roll_full(self, state: State) -> State:
-        full = (state.n_open == self.cfg.chunk).nonzero(as_tuple=True)[0]
-        rolled = self.model.roll(state.select(full))
-        rolled = replace(rolled, last_hidden=state.last_hidden[full])
-        return rolled if len(full) == state.batch_size else state.scatter(full, rolled)
-
-    def _logprobs(self, hidden: Tensor, targets: Tensor) -> list[float]:
+    def _logprobs(self, hidden: Tensor, targets: Tensor) -> list[list[float]]:
         logp = F.log_softmax(self.model.logits(hidden).float(), -1)
-        return logp.gather(-1, targets[..., None])[0, :, 0].tolist()
+        return logp.gather(-1, targets[..., None])[..., 0].tolist()
 
     # ---- generating ----------------------------------------------------------------------
 

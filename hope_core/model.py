@@ -35,7 +35,7 @@ Choices made where HOPE.md leaves room (see docs/architecture.md for the longer 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -619,6 +619,17 @@ class HopeLM(nn.Module):
         if not training:
             hidden, after = hidden.detach(), after.detach()
         return hidden, self.roll(after), metrics
+
+    def close_chunk(self, state: State, learning: Learning) -> tuple[State, ChunkMetrics | None]:
+        """Commit the full open chunk of every row (n_open == chunk) after token-by-token
+        decoding: re-forward it from its chunk-start state and learn, or with learning off only
+        roll it. The decode step's `last_hidden` is kept, so a commit never changes what the next
+        token is sampled from. Returns the metrics (None when nothing learned)."""
+        if not learning.any:
+            return self.roll(state), None
+        start = replace(state, n_open=torch.zeros_like(state.n_open))
+        _, done, metrics = self.learn_chunk(state.open_tokens, start, learning)
+        return replace(done, last_hidden=state.last_hidden), metrics
 
     def _track_cms(self, state: State) -> State:
         """A shallow copy whose session CMS weights are autograd leaves (serving, evaluation)."""

@@ -31,7 +31,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from hope_core.batch import DecodeBatch
 from hope_core.engine import (
@@ -267,7 +266,7 @@ class Scheduler:
         rows = self._decoding
         logits = self.batch.logits()
         picked = pick_tokens(logits, [r.job.params for r in rows], [r.generator for r in rows])
-        lps = F.log_softmax(logits, -1).gather(1, picked[:, None])[:, 0]
+        lps = logits.gather(1, picked[:, None])[:, 0] - torch.logsumexp(logits, -1)
         # the step's one read from the device: each row's token and its log-probability (float64
         # holds the ids exactly); the tokens go into the batch's forward without leaving it
         host = torch.stack([picked.double(), lps.double()]).tolist()
@@ -327,7 +326,6 @@ class Scheduler:
             self._waiting.clear()
             self._prefill.clear()
         self._decoding = []
-        self.batch.n = 0
-        self.batch.open_counts = []
+        self.batch.clear()
         for r in jobs:
             self._end(r, error)

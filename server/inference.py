@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -22,9 +22,9 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from hope_core.engine import GenerationResult, PromptAbsorbed, TokenEvent, UpdateRecord
+from hope_core.engine import PromptAbsorbed, TokenEvent
 from hope_core.sampling import SamplingParams
-from hope_core.scheduler import Job
+from hope_core.scheduler import Job, JobResult
 from server.context import Context
 from server.errors import APIError, bad_request, not_found, too_large
 from server.schemas import SamplingFields, SessionInfo, Surprise
@@ -84,13 +84,6 @@ class Plan:
     close_turn: int | None = None  # chat: absorbed after a reply that did not end on a stop token
 
 
-@dataclass
-class Output:
-    prompt_logprobs: list[float]
-    result: GenerationResult | None  # None when max_tokens is 0 (scoring only)
-    updates: list[UpdateRecord] = field(default_factory=list)
-
-
 # ---- the async side --------------------------------------------------------------------------
 
 class TurnRun:
@@ -103,7 +96,7 @@ class TurnRun:
         # exactly as if the client re-sent the reply as an assistant message
         job = Job(turn.work, plan.prompt, plan.params, plan.learn, close_turn=plan.close_turn)
         self.stream = JobStream(ctx.scheduler, job)
-        self.output: Output | None = None
+        self.output: JobResult | None = None  # set once the job has finished
         self._last_token: float | None = None
 
     async def events(self) -> AsyncIterator[PromptAbsorbed | TokenEvent]:
@@ -126,8 +119,7 @@ class TurnRun:
             yield item
         if self.stream.stop_event.is_set():  # the client left after the last token: no commit
             raise Stopped
-        res = self.stream.result
-        self.output = Output(res.prompt_logprobs, res.generation, res.updates)
+        self.output = self.stream.result
 
     def stop(self) -> None:
         self.stream.stop()
@@ -139,7 +131,7 @@ class TurnRun:
         # per level, the last update of this request (records come in the order they were made)
         meta = await turn.commit(new_digests, update_norms={u.level: u.update_norm for u in out.updates})
         m.prompt_tokens.inc(len(self.plan.prompt))
-        m.generation_tokens.inc(len(out.result.token_ids) if out.result else 0)
+        m.generation_tokens.inc(len(out.generation.token_ids) if out.generation else 0)
         m.observe_updates(out.updates)
         m.request_success.labels(self.finish_reason).inc()
         m.e2e.observe(time.perf_counter() - self.started)
@@ -155,7 +147,7 @@ class TurnRun:
     @property
     def finish_reason(self) -> str:
         out = self.output
-        return out.result.finish_reason if out and out.result else "length"
+        return out.generation.finish_reason if out and out.generation else "length"
 
     async def aclose(self) -> None:
         await self.stream.aclose()

@@ -90,8 +90,8 @@ async def chat_completions(body: ChatRequest, request: Request, ctx: Ctx,
     created = int(time.time())
 
     def finish_digests() -> list[bytes]:
-        assert run.output is not None and run.output.result is not None
-        return [*new_digests, message_digest("assistant", run.output.result.text)]
+        assert run.output is not None and run.output.generation is not None
+        return [*new_digests, message_digest("assistant", run.output.generation.text)]
 
     if body.stream:
         events = _events(run, body, completion_id, created, model, resent, finish_digests)
@@ -106,8 +106,8 @@ async def chat_completions(body: ChatRequest, request: Request, ctx: Ctx,
     finally:
         await turn.release()
     info.resent_messages = resent
-    assert run.output is not None and run.output.result is not None
-    result = run.output.result
+    assert run.output is not None and run.output.generation is not None
+    result = run.output.generation
     return JSONResponse(dump(ChatCompletion(
         id=completion_id, created=created, model=model,
         choices=[ChatChoice(
@@ -157,10 +157,10 @@ async def _events(run: TurnRun, body: ChatRequest, completion_id: str, created: 
     info = await run.finish(finish_digests())
     info.resent_messages = resent
     out = run.output
-    assert out is not None and out.result is not None
-    yield chunk(Delta(), finish_reason=out.result.finish_reason, session=info)
+    assert out is not None and out.generation is not None
+    yield chunk(Delta(), finish_reason=out.generation.finish_reason, session=info)
     if include_usage:
-        n_prompt, n_gen = len(run.plan.prompt), len(out.result.token_ids)
+        n_prompt, n_gen = len(run.plan.prompt), len(out.generation.token_ids)
         usage = ChatCompletionChunk(id=completion_id, created=created, model=model, choices=[],
                                     usage=Usage(prompt_tokens=n_prompt, completion_tokens=n_gen,
                                                 total_tokens=n_prompt + n_gen))

@@ -103,13 +103,13 @@ async def completions(body: CompletionRequest, request: Request, ctx: Ctx,
         await turn.release()
     out = run.output
     assert out is not None
-    gen_ids = out.result.token_ids if out.result else []
-    gen_text = out.result.text if out.result else ""
+    gen_ids = out.generation.token_ids if out.generation else []
+    gen_text = out.generation.text if out.generation else ""
     logprobs = None
     if body.logprobs is not None:
         if body.echo:
             logprobs = legacy_logprobs(tok, prompt, out.prompt_logprobs)
-        gen_part = legacy_logprobs(tok, gen_ids, out.result.logprobs if out.result else [],
+        gen_part = legacy_logprobs(tok, gen_ids, out.generation.logprobs if out.generation else [],
                                    offset=len(prompt_text) if body.echo else 0)
         logprobs = _merge(logprobs, gen_part)
     text = (prompt_text if body.echo else "") + gen_text
@@ -165,7 +165,7 @@ async def _events(run: TurnRun, body: CompletionRequest, prompt_text: str, compl
     if opts and opts.include_usage:
         out = run.output
         assert out is not None
-        n_prompt, n_gen = len(run.plan.prompt), len(out.result.token_ids) if out.result else 0
+        n_prompt, n_gen = len(run.plan.prompt), len(out.generation.token_ids) if out.generation else 0
         yield sse(dump(Completion(id=completion_id, created=created, model=model, choices=[],
                                   usage=Usage(prompt_tokens=n_prompt, completion_tokens=n_gen,
                                               total_tokens=n_prompt + n_gen))))
