@@ -32,6 +32,9 @@ from hope_core.model import ChunkMetrics, HopeLM, Learning, State
 log = logging.getLogger("hope.batch")
 
 
+JOINED = (("attn_k", "open_k"), ("attn_v", "open_v"), ("conv_tail", "open_conv"))
+
+
 def _bucket(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
@@ -59,6 +62,13 @@ class DecodeBatch:
         old = getattr(self, "slots", None)
         self.capacity = capacity
         self.slots = self.template.map(lambda v: v.expand(capacity, *v.shape[1:]).clone())
+        for layer in self.slots.layers:
+            # the open chunk's buffers directly follow the committed history in memory, so a
+            # decode step attends over both as one view instead of copying the window every token
+            for committed, open_ in JOINED:
+                joint = torch.cat([layer[committed], layer[open_]], dim=1)
+                layer[committed], layer[open_] = joint.split(
+                    [layer[committed].shape[1], layer[open_].shape[1]], dim=1)
         if old is not None:
             for name, buf in self.slots.tensors().items():
                 buf[:self.n].copy_(old.tensors()[name][:self.n])
@@ -155,7 +165,7 @@ class DecodeBatch:
 
     def _decode_inplace(self, n: int) -> None:
         view = self.view(n)
-        _, new, _ = self.model.forward_open(self.tokens[:n], view)
+        _, new, _ = self.model.forward_open(self.tokens[:n], view, inplace=True)
         old_t, new_t = view.tensors(), new.tensors()
         for name, t in new_t.items():
             if t is not old_t[name]:
@@ -197,7 +207,9 @@ class DecodeBatch:
         k = min(_bucket(len(rows)), self.capacity) if self.pad else len(rows)
         # padded with repeats of the last row: they compute and write the same values twice
         self.commit_rows[:k] = torch.tensor(rows + rows[-1:] * (k - len(rows))).to(self.commit_rows.device)
-        if not self.graphs:
+        if not self.graphs and rows == list(range(rows[0], rows[0] + k)):
+            metrics = self._commit_span(rows[0], rows[0] + k, learning)
+        elif not self.graphs:
             metrics = self._commit_rows(k, learning)
         elif (k, learning) in self._commit_graphs:
             graph, metrics = self._commit_graphs[(k, learning)]
@@ -214,6 +226,18 @@ class DecodeBatch:
             self._commit_graphs[(k, learning)] = (graph, captured)
             log.info("captured the commit of %d rows", k)
         return None if metrics is None else _to_cpu(metrics, len(rows))
+
+    def _commit_span(self, lo: int, hi: int, learning: Learning) -> ChunkMetrics | None:
+        """`_commit_rows` for the consecutive rows lo..hi-1 (sessions whose chunks close in the
+        same step sit together): the commit reads the slot buffers as views, with no gather."""
+        view = self.slots.map(lambda v: v[lo:hi])
+        with torch.no_grad(), self._autocast():
+            done, metrics = self.model.close_chunk(view, learning)
+        mine = view.tensors()
+        for name, t in done.tensors().items():
+            if t.data_ptr() != mine[name].data_ptr():
+                mine[name].copy_(t)
+        return metrics
 
     def _commit_rows(self, k: int, learning: Learning) -> ChunkMetrics | None:
         idx = self.commit_rows[:k]

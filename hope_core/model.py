@@ -200,33 +200,56 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
 
 
-def rope(x: Tensor, pos: Tensor, base: float) -> Tensor:
-    """Rotary embedding of x [B, T, H, dh] at absolute positions pos [B, T].
+def rope_tables(pos: Tensor, dh: int, base: float) -> tuple[Tensor, Tensor]:
+    """cos and sin [B, T, 1, 1, dh/2] of the rotary angles at absolute positions pos [B, T].
 
     Angles are computed in float64: a session is an endless stream, and positions in the
-    millions would lose the relative phase in float32.
+    millions would lose the relative phase in float32. One table serves every layer's q and k.
     """
-    dh = x.shape[-1]
-    inv = base ** (-torch.arange(0, dh, 2, device=x.device, dtype=torch.float64) / dh)
-    ang = pos.to(torch.float64)[..., None] * inv  # [B, T, dh/2]
-    cos = torch.cos(ang).to(x.dtype)[:, :, None, :]
-    sin = torch.sin(ang).to(x.dtype)[:, :, None, :]
+    inv = base ** (-torch.arange(0, dh, 2, device=pos.device, dtype=torch.float64) / dh)
+    ang = (pos.to(torch.float64)[..., None] * inv)[:, :, None, None, :]
+    return torch.cos(ang).float(), torch.sin(ang).float()
+
+
+def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary embedding of x [B, T, ..., dh], with tables from `rope_tables`."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
 
 
-def append_open(committed: Tensor, open_buf: Tensor, slots: Tensor, new: Tensor) -> tuple[Tensor, Tensor]:
+def append_open(committed: Tensor, open_buf: Tensor, slots: Tensor, new: Tensor,
+                inplace: bool = False) -> tuple[Tensor, Tensor]:
     """Write new [B, T, ...] into the open chunk's buffer at slots [B, T].
 
     Returns (new open buffer, committed history followed by it). A whole chunk (prefill,
-    commit, training) needs no scatter: it is the open buffer.
+    commit, training) needs no scatter: it is the open buffer. With `inplace` (the decode batch's
+    own slot buffers) the open buffer is written where it lies, and when it directly follows the
+    committed history in memory, the two are joined as a view instead of a copy.
     """
     if new.shape[1] == open_buf.shape[1]:
         open_buf = new.to(open_buf.dtype)
     else:
         idx = slots.view(*slots.shape, *([1] * (new.dim() - 2))).expand_as(new)
-        open_buf = open_buf.scatter(1, idx, new.to(open_buf.dtype))
+        if inplace:
+            open_buf.scatter_(1, idx, new.to(open_buf.dtype))
+            joined = _adjacent_join(committed, open_buf)
+            if joined is not None:
+                return open_buf, joined
+        else:
+            open_buf = open_buf.scatter(1, idx, new.to(open_buf.dtype))
     return open_buf, torch.cat([committed, open_buf], dim=1)
+
+
+def _adjacent_join(a: Tensor, b: Tensor) -> Tensor | None:
+    """a and b joined along dim 1 as a view, when b starts where a ends in the same storage."""
+    if (a.dtype != b.dtype or a.stride() != b.stride() or a.shape[0] != b.shape[0]
+            or a.shape[2:] != b.shape[2:]
+            or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
+            or b.storage_offset() != a.storage_offset() + a.shape[1] * a.stride(1)):
+        return None
+    size = (a.shape[0], a.shape[1] + b.shape[1], *a.shape[2:])
+    return a.as_strided(size, a.stride(), a.storage_offset())
 
 
 def silu_grad(z: Tensor) -> Tensor:
@@ -245,30 +268,47 @@ def memory_apply(u: Tensor, a: Tensor, b: Tensor) -> Tensor:
     return u + F.silu(u @ a) @ b
 
 
+@dataclass
+class Positions:
+    """Where the tokens of one forward sit, shared by every layer: computed once per forward."""
+
+    slots: Tensor  # [B, T] slot of each token inside the open chunk
+    cos: Tensor  # rotary tables at the tokens' absolute positions, [B, T, 1, 1, dh/2]
+    sin: Tensor
+    mask: Tensor  # [B, 1, T, window + chunk] which keys each query sees
+
+    @classmethod
+    def of(cls, cfg: HopeConfig, n_committed: Tensor, slots: Tensor) -> Positions:
+        q_pos = n_committed[:, None] + slots  # [B, T] absolute positions
+        cos, sin = rope_tables(q_pos, cfg.head_dim, cfg.rope_base)
+        # keys: the committed window (positions n_committed - window ...) then the open chunk
+        k_pos = n_committed[:, None] - cfg.window + torch.arange(cfg.window + cfg.chunk,
+                                                                  device=slots.device)
+        rel = q_pos[:, :, None] - k_pos[:, None, :]  # [B, T, S]
+        # slots after a query's own hold later (or stale) tokens: rel < 0 masks them
+        mask = (rel >= 0) & (rel < cfg.window) & (k_pos[:, None, :] >= 0)
+        return cls(slots, cos, sin, mask[:, None])
+
+
 class SlidingWindowAttention(nn.Module):
     def __init__(self, cfg: HopeConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
 
-    def forward(self, x: Tensor, layer: dict[str, Tensor], q_pos: Tensor, slots: Tensor,
-                base: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x [B, T, d]. Returns (output [B, T, d], new k buffer, new v buffer)."""
+    def forward(self, x: Tensor, layer: dict[str, Tensor], pos: Positions,
+                inplace: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+        """x [B, T, d]. Returns (output [B, T, d], the new open k/v buffers)."""
         cfg = self.cfg
         B, T, _ = x.shape
         H, dh = cfg.n_heads, cfg.head_dim
-        q, k, v = self.qkv(x).view(B, T, 3, H, dh).unbind(2)
-        q, k = rope(q, q_pos, cfg.rope_base), rope(k, q_pos, cfg.rope_base)
-        open_k, kbuf = append_open(layer["attn_k"], layer["open_k"], slots, k)
-        open_v, vbuf = append_open(layer["attn_v"], layer["open_v"], slots, v)
-        S = kbuf.shape[1]
-        k_pos = base[:, None] - cfg.window + torch.arange(S, device=x.device)  # [B, S]
-        rel = q_pos[:, :, None] - k_pos[:, None, :]  # [B, T, S]
-        # slots after a query's own hold later (or stale) tokens: rel < 0 masks them
-        mask = (rel >= 0) & (rel < cfg.window) & (k_pos[:, None, :] >= 0)
+        qkv = self.qkv(x).view(B, T, 3, H, dh)
+        q, k = rope(qkv[:, :, :2], pos.cos, pos.sin).unbind(2)
+        open_k, kbuf = append_open(layer["attn_k"], layer["open_k"], pos.slots, k, inplace)
+        open_v, vbuf = append_open(layer["attn_v"], layer["open_v"], pos.slots, qkv[:, :, 2], inplace)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), kbuf.to(q.dtype).transpose(1, 2), vbuf.to(q.dtype).transpose(1, 2),
-            attn_mask=mask[:, None],
+            attn_mask=pos.mask,
         )
         return out.transpose(1, 2).reshape(B, T, -1), {"open_k": open_k, "open_v": open_v}
 
@@ -324,19 +364,22 @@ class TitansMemory(nn.Module):
             "open_conv": torch.zeros(batch, C, 3 * d, device=a0.device),
         }
 
-    def forward(self, x: Tensor, layer: dict[str, Tensor], slots: Tensor, want_update: bool):
+    def forward(self, x: Tensor, layer: dict[str, Tensor], slots: Tensor, want_update: bool,
+                inplace: bool = False):
         """Read the chunk-start memory. Returns (read [B, T, d], new open buffers, update inputs)."""
         cfg = self.cfg
         B, T, d = x.shape
         H, dh = cfg.n_heads, cfg.head_dim
         cw = cfg.conv_width - 1 + cfg.key_shift  # inputs before the first token that a conv reads
         proj = self.qkv(x)
-        open_conv, seq = append_open(layer["conv_tail"], layer["open_conv"], slots, proj)
+        open_conv, seq = append_open(layer["conv_tail"], layer["open_conv"], slots, proj, inplace)
         if T != seq.shape[1] - cw:  # the tokens' rows and the cw before the first
             rows = slots[:, :1] + torch.arange(T + cw, device=x.device)
             seq = torch.gather(seq, 1, rows[..., None].expand(B, T + cw, 3 * d))
-        kernel = (self.conv * self.conv_mask)[:, None]
-        mixed = F.conv1d(seq.transpose(1, 2), kernel, groups=3 * d).transpose(1, 2)
+        # the depthwise causal convolution as a weighted sum of shifted inputs: a few fused
+        # element-wise ops, where a library convolution costs more in setup than in arithmetic
+        kernel = self.conv * self.conv_mask  # [3d, span]
+        mixed = (seq.unfold(1, cw + 1, 1) * kernel.to(seq.dtype)).sum(-1)  # [B, T, 3d]
         q, k, v = mixed.view(B, T, 3, H, dh).unbind(2)
         q = F.normalize(q, dim=-1)
         a, b = layer["mem_a"], layer["mem_b"]
@@ -409,14 +452,16 @@ class TitansMemory(nn.Module):
 
         ga_mem, gb_mem = weighted(c_mem)
         ga_mom, gb_mom = weighted(c_mom)
-        new_a = keep * a + mom_into_mem * sa - ga_mem
-        new_b = keep * b + mom_into_mem * sb - gb_mem
-        new_sa = beta ** T * sa - ga_mom
-        new_sb = beta ** T * sb - gb_mom
+        # in-place on fresh intermediates: the state's memories are the largest tensors a
+        # commit touches, and every extra pass over them is a pass over memory
+        new_a = torch.addcmul(keep * a, mom_into_mem, sa).sub_(ga_mem)
+        new_b = torch.addcmul(keep * b, mom_into_mem, sb).sub_(gb_mem)
+        new_sa = (sa * beta ** T).sub_(ga_mom)
+        new_sb = (sb * beta ** T).sub_(gb_mom)
         cap = self.cfg.mem_max_norm
         new_a = new_a * (cap / new_a.norm(dim=(-2, -1), keepdim=True).clamp_min(cap))
         new_b = new_b * (cap / new_b.norm(dim=(-2, -1), keepdim=True).clamp_min(cap))
-        delta = ((new_a - a)[:, :, 0] ** 2).sum((1, 2, 3)) + ((new_b - b)[:, :, 0] ** 2).sum((1, 2, 3))
+        delta = ((new_a[:, :, 0] - a[:, :, 0]) ** 2).sum((1, 2, 3)) + ((new_b[:, :, 0] - b[:, :, 0]) ** 2).sum((1, 2, 3))
         norm = (a[:, :, 0] ** 2).sum((1, 2, 3)) + (b[:, :, 0] ** 2).sum((1, 2, 3))
         rel = (delta / norm.clamp_min(1e-12)).sqrt()
         new = {"mem_a": new_a, "mem_b": new_b, "mom_a": new_sa, "mom_b": new_sb}
@@ -474,11 +519,11 @@ class HopeBlock(nn.Module):
         s |= {f"{k}_grad": torch.zeros_like(v) for k, v in mid.items()}  # open mid gradient
         return s
 
-    def forward(self, x: Tensor, layer: dict[str, Tensor], q_pos: Tensor, slots: Tensor,
-                base: Tensor, want_update: bool):
+    def forward(self, x: Tensor, layer: dict[str, Tensor], pos: Positions, want_update: bool,
+                inplace: bool = False):
         xn = self.norm(x)
-        a, open_kv = self.attn(xn, layer, q_pos, slots, base)
-        m, open_conv, upd = self.titans(xn, layer, slots, want_update)
+        a, open_kv = self.attn(xn, layer, pos, inplace)
+        m, open_conv, upd = self.titans(xn, layer, pos.slots, want_update, inplace)
         g = torch.sigmoid(self.gate(xn))
         x = x + self.out(g * a + (1 - g) * m)
         x = x + self.slow_down(F.silu(self.slow_up(self.slow_norm(x))))
@@ -545,21 +590,23 @@ class HopeLM(nn.Module):
 
     # ---- forward inside one chunk --------------------------------------------------------
 
-    def forward_open(self, tokens: Tensor, state: State, want_update: bool = False):
+    def forward_open(self, tokens: Tensor, state: State, want_update: bool = False,
+                     inplace: bool = False):
         """Absorb tokens [B, T] into the open chunk, with no memory change.
 
         Requires n_open + T <= chunk for every row. Returns (hidden [B, T, d], new state,
         per-layer Titans update inputs or None). The new state has the tokens' keys, values and
         conv inputs written into the open slots and n_open advanced; nothing is committed.
+        With `inplace` the open buffers of `state` itself are written (the decode batch's slots).
         """
         T = tokens.shape[1]
         offs = torch.arange(T, device=tokens.device)
         slots_open = state.n_open[:, None] + offs  # [B, T] slot inside the open chunk
-        q_pos = state.n_committed[:, None] + slots_open
+        pos = Positions.of(self.cfg, state.n_committed, slots_open)
         x = self.embed(tokens)
         new_layers, upds = [], []
         for blk, layer in zip(self.blocks, state.layers):
-            x, written, upd = blk(x, layer, q_pos, slots_open, state.n_committed, want_update)
+            x, written, upd = blk(x, layer, pos, want_update, inplace)
             new_layers.append(layer | written)
             upds.append(upd)
         open_tokens = state.open_tokens.scatter(1, slots_open, tokens)
@@ -577,7 +624,11 @@ class HopeLM(nn.Module):
             new = dict(layer)
             for key, open_key in (("attn_k", "open_k"), ("attn_v", "open_v"),
                                   ("conv_tail", "open_conv")):
-                new[key] = torch.cat([layer[key], layer[open_key]], dim=1)[:, C:]
+                kept = layer[key].shape[1]  # the newest `kept` of history and open chunk
+                if kept > C:
+                    new[key] = torch.cat([layer[key][:, C:], layer[open_key]], dim=1)
+                else:
+                    new[key] = layer[open_key][:, C - kept:].clone()
                 new[open_key] = torch.zeros_like(layer[open_key]).detach()
             layers.append(new)
         return State(layers, state.n_committed + C, torch.zeros_like(state.n_open),
@@ -673,10 +724,9 @@ class HopeLM(nn.Module):
                     g = grads[(i, key)] * clip
                     if lvl == "mid":  # accumulate; step only when the mid period closes
                         acc = start.layers[i][f"{key}_grad"] + g
-                        shut = closes_mid.view(B, 1, 1)
-                        layer[f"{key}_grad"] = torch.where(shut, torch.zeros_like(acc), acc)
-                        g = torch.where(shut, acc, torch.zeros_like(acc))
-                        step = lr * g + torch.where(shut, decay * (cur - init), torch.zeros_like(cur))
+                        shut = closes_mid.to(acc.dtype).view(B, 1, 1)  # 1 where it closes
+                        layer[f"{key}_grad"] = acc * (1 - shut)
+                        step = shut * (lr * acc + decay * (cur - init))
                     else:
                         step = lr * g + decay * (cur - init)
                     layer[key] = cur - step

@@ -222,3 +222,29 @@ def test_padded_steps_compute_the_same_as_exact_ones(engine):
     assert results[0][0] == results[1][0]
     for a, b in zip(results[0][1], results[1][1]):
         assert_same_state(a, b)
+
+
+@pytest.mark.parametrize("phases", [[3, 3, 3, 3], [0, 5, 0, 9], [15, 2, 15, 15]])
+def test_decode_batch_steps_equal_the_functional_batched_step(engine, phases):
+    """The decode batch writes its slot buffers in place (the window and the open chunk joined
+    as one view) and commits consecutive rows through views, other rows through a gather: every
+    way ends where `Engine.decode_batch`, which copies everything, ends."""
+    sessions, C = [], engine.cfg.chunk
+    for i, phase in enumerate(phases):
+        s, n_open = engine.new_session(), phase % C
+        engine.absorb(s, [(7 * i + j) % 4000 + 5 for j in range(C + n_open - int(s.state.n_open[0]))])
+        assert int(s.state.n_open[0]) == n_open
+        sessions.append(s)
+    batch = DecodeBatch(engine.model, engine.new_session().state, capacity=len(phases))
+    for s in sessions:
+        batch.join(s.state)
+    joined = batch.slots.layers[0]
+    assert joined["open_k"].data_ptr() == joined["attn_k"][:, -1:].data_ptr() + joined["attn_k"].stride(1) * 4
+    expect = Engine.stack(sessions)
+    for step in range(2 * C + 3):
+        tokens = torch.tensor([(step * 31 + 11 * r) % 4000 + 5 for r in range(len(phases))])
+        batch.step(tokens, [Learning()] * len(phases))
+        _, expect, _ = engine.decode_batch(expect, tokens, Learning())
+        for name, t in expect.tensors().items():
+            torch.testing.assert_close(batch.view().tensors()[name], t, atol=ATOL, rtol=0,
+                                       msg=f"step {step}: {name}")
