@@ -461,7 +461,8 @@ class TitansMemory(nn.Module):
         cap = self.cfg.mem_max_norm
         new_a = new_a * (cap / new_a.norm(dim=(-2, -1), keepdim=True).clamp_min(cap))
         new_b = new_b * (cap / new_b.norm(dim=(-2, -1), keepdim=True).clamp_min(cap))
-        delta = ((new_a[:, :, 0] - a[:, :, 0]) ** 2).sum((1, 2, 3)) + ((new_b[:, :, 0] - b[:, :, 0]) ** 2).sum((1, 2, 3))
+        delta = (((new_a[:, :, 0] - a[:, :, 0]) ** 2).sum((1, 2, 3))
+                 + ((new_b[:, :, 0] - b[:, :, 0]) ** 2).sum((1, 2, 3)))
         norm = (a[:, :, 0] ** 2).sum((1, 2, 3)) + (b[:, :, 0] ** 2).sum((1, 2, 3))
         rel = (delta / norm.clamp_min(1e-12)).sqrt()
         new = {"mem_a": new_a, "mem_b": new_b, "mom_a": new_sa, "mom_b": new_sb}
