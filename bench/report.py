@@ -125,8 +125,9 @@ def _engine(e: EngineResults) -> list[str]:
     if e.single is not None:
         s = e.single
         out += ["## Single-session decode, learning on versus off", "",
-                f"`hope_core.evaluate.decode_speed`: {s.tokens} sampled tokens after a short prompt, one session"
-                " (one torch thread: the scheduler's thread alone runs multi-threaded).", ""]
+                f"`hope_core.evaluate.decode_speed`: {s.tokens} sampled tokens after a short prompt, one session;"
+                f" best of {e.reps} alternated runs each way. Through the scheduler: the one-session rows of the"
+                f" next table, learning on and off, each the best of {e.reps} runs.", ""]
         rows = [["on", _f(s.learn_on)], ["off", _f(s.learn_off)], ["on / off", _f(s.ratio, 2)]]
         on, off = e.at(1), e.frozen_one
         if on and off and e.scheduler_ratio:
@@ -139,7 +140,8 @@ def _engine(e: EngineResults) -> list[str]:
         out += ["## Concurrent sessions through the engine's scheduler (no HTTP)", "",
                 "N fresh sessions submitted at once, each a 16-token prompt then the same number of sampled tokens,",
                 "learning on. End to end: generated tokens over the wall time, prefill included. Decode: N over the",
-                "mean time of a decode step with all N sessions in the batch (chunk commits included).", ""]
+                "mean time of a decode step with all N sessions in the batch (chunk commits included). Each row is",
+                f"the best of {e.reps} runs of that level.", ""]
         rows = []
         for row in e.concurrency:
             rows.append([str(row.sessions), str(row.tokens), _f(row.tokens_per_s),

@@ -385,7 +385,12 @@ class TitansMemory(nn.Module):
         a, b = layer["mem_a"], layer["mem_b"]
         read = memory_apply(q, a[:, :, :1], b[:, :, :1])[:, :, 0]  # [B, H, T, dh]
         read = self.read_norm(read).transpose(1, 2).reshape(B, T, d)
-        upd = self._update_inputs(x, k, v, a, b) if want_update else None
+        upd = None
+        if want_update:
+            # a serving commit needs only their values (its gradient is the CMS levels'); the
+            # outer loss of pre-training backpropagates through them
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.training):
+                upd = self._update_inputs(x, k, v, a, b)
         return read, {"open_conv": open_conv}, upd
 
     def _update_inputs(self, x: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor):
