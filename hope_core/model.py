@@ -275,19 +275,21 @@ class Positions:
     slots: Tensor  # [B, T] slot of each token inside the open chunk
     cos: Tensor  # rotary tables at the tokens' absolute positions, [B, T, 1, 1, dh/2]
     sin: Tensor
-    mask: Tensor  # [B, 1, T, window + chunk] which keys each query sees
+    mask: Tensor  # [B, 1, T, used + chunk] which keys each query sees
+    used: int  # the newest `used` slots of the committed window are attended (the rest are empty)
 
     @classmethod
-    def of(cls, cfg: HopeConfig, n_committed: Tensor, slots: Tensor) -> Positions:
+    def of(cls, cfg: HopeConfig, n_committed: Tensor, slots: Tensor, used: int | None = None) -> Positions:
+        used = cfg.window if used is None else used
         q_pos = n_committed[:, None] + slots  # [B, T] absolute positions
         cos, sin = rope_tables(q_pos, cfg.head_dim, cfg.rope_base)
-        # keys: the committed window (positions n_committed - window ...) then the open chunk
-        k_pos = n_committed[:, None] - cfg.window + torch.arange(cfg.window + cfg.chunk,
-                                                                  device=slots.device)
+        # keys: the newest `used` committed window slots (positions n_committed - used ...),
+        # then the open chunk
+        k_pos = n_committed[:, None] - used + torch.arange(used + cfg.chunk, device=slots.device)
         rel = q_pos[:, :, None] - k_pos[:, None, :]  # [B, T, S]
         # slots after a query's own hold later (or stale) tokens: rel < 0 masks them
         mask = (rel >= 0) & (rel < cfg.window) & (k_pos[:, None, :] >= 0)
-        return cls(slots, cos, sin, mask[:, None])
+        return cls(slots, cos, sin, mask[:, None], used)
 
 
 class SlidingWindowAttention(nn.Module):
@@ -304,8 +306,10 @@ class SlidingWindowAttention(nn.Module):
         H, dh = cfg.n_heads, cfg.head_dim
         qkv = self.qkv(x).view(B, T, 3, H, dh)
         q, k = rope(qkv[:, :, :2], pos.cos, pos.sin).unbind(2)
-        open_k, kbuf = append_open(layer["attn_k"], layer["open_k"], pos.slots, k, inplace)
-        open_v, vbuf = append_open(layer["attn_v"], layer["open_v"], pos.slots, qkv[:, :, 2], inplace)
+        first = cfg.window - pos.used
+        open_k, kbuf = append_open(layer["attn_k"][:, first:], layer["open_k"], pos.slots, k, inplace)
+        open_v, vbuf = append_open(layer["attn_v"][:, first:], layer["open_v"], pos.slots, qkv[:, :, 2],
+                                   inplace)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), kbuf.to(q.dtype).transpose(1, 2), vbuf.to(q.dtype).transpose(1, 2),
             attn_mask=pos.mask,
@@ -597,18 +601,26 @@ class HopeLM(nn.Module):
     # ---- forward inside one chunk --------------------------------------------------------
 
     def forward_open(self, tokens: Tensor, state: State, want_update: bool = False,
-                     inplace: bool = False):
+                     inplace: bool = False, window_used: int | None = None):
         """Absorb tokens [B, T] into the open chunk, with no memory change.
 
         Requires n_open + T <= chunk for every row. Returns (hidden [B, T, d], new state,
         per-layer Titans update inputs or None). The new state has the tokens' keys, values and
         conv inputs written into the open slots and n_open advanced; nothing is committed.
         With `inplace` the open buffers of `state` itself are written (the decode batch's slots).
+
+        `window_used`: how many of the newest committed window slots can hold keys, at least
+        min(window, n_committed) of every row; attention reads only those (a young session's
+        window is mostly empty). By default it is read off `n_committed` on the CPU and is the
+        whole window on CUDA, where reading it would wait on the device and where captured
+        graphs need fixed shapes.
         """
         T = tokens.shape[1]
         offs = torch.arange(T, device=tokens.device)
         slots_open = state.n_open[:, None] + offs  # [B, T] slot inside the open chunk
-        pos = Positions.of(self.cfg, state.n_committed, slots_open)
+        if window_used is None and not tokens.is_cuda:
+            window_used = min(self.cfg.window, int(state.n_committed.max()))
+        pos = Positions.of(self.cfg, state.n_committed, slots_open, window_used)
         x = self.embed(tokens)
         new_layers, upds = [], []
         for blk, layer in zip(self.blocks, state.layers):
@@ -719,25 +731,35 @@ class HopeLM(nn.Module):
                 continue
             keys = [f"{lvl}_up", f"{lvl}_down"]
             level_grads = [grads[(i, k)] for i in range(len(layers)) for k in keys]
-            sq = sum((g ** 2).sum((1, 2)) for g in level_grads)
+            # the session levels are a large share of what a commit moves through memory: each
+            # norm is one pass, and each step is written in as few passes as it can be
+            sq = sum(torch.linalg.vector_norm(g, dim=(1, 2)) ** 2 for g in level_grads)
             clip = (cfg.cms_grad_clip / (sq.sqrt() + 1e-6)).clamp(max=1.0).view(B, 1, 1)
+            shut = closes_mid.to(clip.dtype).view(B, 1, 1)  # 1 where the mid period closes
+            # on the CPU, knowing that no row closes its mid period costs nothing (on CUDA it
+            # would wait on the device): then the mid level only adds to its open gradient
+            stepping = lvl == "fast" or closes_mid.is_cuda or bool(closes_mid.any())
             step_sq = torch.zeros(B, device=tokens.device)
             weight_sq = torch.zeros(B, device=tokens.device)
             for i, (blk, layer) in enumerate(zip(self.blocks, layers)):
                 level = getattr(blk, lvl)
                 for key, init in zip(keys, (level.up0, level.down0)):
-                    cur = start.layers[i][key]
-                    g = grads[(i, key)] * clip
+                    cur, g = start.layers[i][key], grads[(i, key)]
                     if lvl == "mid":  # accumulate; step only when the mid period closes
-                        acc = start.layers[i][f"{key}_grad"] + g
-                        shut = closes_mid.to(acc.dtype).view(B, 1, 1)  # 1 where it closes
+                        acc = torch.addcmul(start.layers[i][f"{key}_grad"], g, clip)
+                        if not stepping:
+                            layer[f"{key}_grad"] = acc
+                            # a new autograd node, as a step would make: the next chunk's
+                            # gradient is taken at this chunk's end, not through this chunk
+                            layer[key] = cur.view_as(cur)
+                            continue
                         layer[f"{key}_grad"] = acc * (1 - shut)
-                        step = shut * (lr * acc + decay * (cur - init))
+                        step = torch.sub(cur, init).mul_(decay).add_(acc, alpha=lr).mul_(shut)
                     else:
-                        step = lr * g + decay * (cur - init)
+                        step = torch.addcmul(torch.sub(cur, init).mul_(decay), g, clip * lr)
                     layer[key] = cur - step
-                    step_sq = step_sq + (step.detach() ** 2).sum((1, 2))
-                    weight_sq = weight_sq + (cur.detach() ** 2).sum((1, 2))
+                    step_sq = step_sq + torch.linalg.vector_norm(step.detach(), dim=(1, 2)) ** 2
+                    weight_sq = weight_sq + torch.linalg.vector_norm(cur.detach(), dim=(1, 2)) ** 2
             rel = (step_sq / weight_sq.clamp_min(1e-12)).sqrt()
             metrics.surprise[lvl] = nll.detach().mean(-1)
             if lvl == "mid":
