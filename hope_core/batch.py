@@ -41,16 +41,28 @@ def _bucket(n: int) -> int:
 
 class DecodeBatch:
     def __init__(self, model: HopeLM, template: State, capacity: int = 8, graphs: bool = False,
-                 autocast: bool = False, pad: bool | None = None) -> None:
+                 autocast: bool = False, pad: bool | None = None, commit_wait: int = 0) -> None:
         """`template` is a batch-of-one state (a fresh session) that fills unused slots. With
         `graphs` (CUDA only) each power-of-two batch size is captured once and replayed; `pad`
-        runs those padded shapes without capturing (the default follows `graphs`)."""
+        runs those padded shapes without capturing (the default follows `graphs`).
+
+        `commit_wait`: a row whose chunk is full may wait up to this many steps, out of the
+        decode step, for other rows to fill theirs, so that they commit together (see
+        `step`). 0 commits every full row in the step that fills it. Padded steps need 0: their
+        padding rows are the rows past the decoding ones."""
         self.model, self.cfg = model, model.cfg
         self.template = template
-        self.n = 0
+        self.n = 0  # active rows: the decoding ones, then the waiting ones
+        self.n_waiting = 0  # rows with a full chunk waiting to commit: the last rows of the n
         self.open_counts: list[int] = []  # per active row: tokens in its open chunk (host copy)
+        self.owners: list[object] = []  # per active row: whatever the caller joined it with
+        self.learns: list[Learning] = []  # per active row: its switches, as of its last step
+        self.waits: list[int] = []  # per active row: steps it has waited to commit
         self.graphs = graphs and template.n_open.is_cuda
         self.pad = self.graphs if pad is None else pad
+        if commit_wait and self.pad:
+            raise ValueError("padded steps commit at once: commit_wait must be 0")
+        self.commit_wait = commit_wait
         self.autocast = autocast
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._commit_graphs: dict[tuple[int, Learning], tuple[torch.cuda.CUDAGraph, ChunkMetrics | None]] = {}
@@ -83,34 +95,68 @@ class DecodeBatch:
         n = self.n if n is None else n
         return self.slots.map(lambda v: v[:n])
 
-    def join(self, state: State) -> int:
-        """Copy a batch-of-one state into the next free row; returns the row."""
+    @property
+    def n_decoding(self) -> int:
+        """Rows that take a token this step: the first `n - n_waiting`."""
+        return self.n - self.n_waiting
+
+    def join(self, state: State, owner: object = None) -> int:
+        """Copy a batch-of-one state into a decoding row (after the decoding ones, before the
+        waiting ones: the first waiting row moves to the end); returns the row."""
         if self.n == self.capacity:
             self._alloc(self.capacity * 2)
-        row = self.n
+        row = self.n_decoding
+        if self.n_waiting:
+            self._move(row, self.n)
         for name, buf in self.slots.tensors().items():
             buf[row].copy_(state.tensors()[name][0])
-        self.open_counts.append(int(state.n_open[0]))
+        self._put(row, int(state.n_open[0]), owner, Learning(), 0)
         self.n += 1
         return row
 
     def leave(self, row: int) -> State:
-        """Take a row out (a copy of its state, batch of one). The last row moves into its place:
-        the caller re-points whoever owned row n-1 (now `row`)."""
+        """Take a decoding row out (a copy of its state, batch of one). The last decoding row
+        moves into its place, and the last waiting row into the last decoding one's: `owners`
+        says who is where."""
+        if row >= self.n_decoding:
+            raise ValueError("a waiting row leaves only after its commit (commit_waiting)")
         out = self.slots.map(lambda v: v[row:row + 1].clone())
-        last = self.n - 1
-        if row != last:
-            for buf in self.slots.tensors().values():
-                buf[row].copy_(buf[last])
-            self.open_counts[row] = self.open_counts[last]
-        self.open_counts.pop()
+        last_decoding, last = self.n_decoding - 1, self.n - 1
+        if row != last_decoding:
+            self._move(last_decoding, row)
+        if last != last_decoding:
+            self._move(last, last_decoding)
+        for host in (self.open_counts, self.owners, self.learns, self.waits):
+            host.pop()
         self.n -= 1
         return out
 
     def clear(self) -> None:
         """Drop every row (their contents stay as padding)."""
-        self.n = 0
-        self.open_counts = []
+        self.n = self.n_waiting = 0
+        self.open_counts, self.owners, self.learns, self.waits = [], [], [], []
+
+    def _put(self, row: int, count: int, owner: object, learn: Learning, wait: int) -> None:
+        for host, value in ((self.open_counts, count), (self.owners, owner), (self.learns, learn),
+                            (self.waits, wait)):
+            if row == len(host):
+                host.append(value)
+            else:
+                host[row] = value
+
+    def _move(self, src: int, dst: int) -> None:
+        """Copy row src over row dst (dst may be the first free row)."""
+        for buf in self.slots.tensors().values():
+            buf[dst].copy_(buf[src])
+        self._put(dst, self.open_counts[src], self.owners[src], self.learns[src], self.waits[src])
+
+    def _swap(self, i: int, j: int) -> None:
+        for buf in self.slots.tensors().values():
+            keep = buf[i].clone()
+            buf[i].copy_(buf[j])
+            buf[j].copy_(keep)
+        for host in (self.open_counts, self.owners, self.learns, self.waits):
+            host[i], host[j] = host[j], host[i]
 
     def row_state(self, row: int) -> State:
         return self.slots.map(lambda v: v[row:row + 1].clone())
@@ -118,31 +164,71 @@ class DecodeBatch:
     # ---- the step ------------------------------------------------------------------------------
 
     def step(self, tokens: Sequence[int] | Tensor, learning: Sequence[Learning]):
-        """Absorb one token per active row (a list, or a tensor on any device); commit the rows
-        whose chunk closes, each learning as its own switches say. Returns each commit's
-        (rows, ChunkMetrics or None if only rolled)."""
-        n = self.n
+        """Absorb one token per decoding row (a list, or a tensor on any device), each row
+        learning as its switches in `learning` say; commit the rows whose chunk closes. Returns
+        each commit's (rows, ChunkMetrics or None if only rolled).
+
+        With `commit_wait`, a row whose chunk fills moves behind the decoding rows and waits
+        there while another row will fill its chunk within `commit_wait` steps of the longest
+        waiting one's fill; then they commit together. Each commit costs a re-forward whose
+        fixed part (thousands of small ops on the CPU) does not grow with its rows, and rows
+        that committed together stay in phase afterwards: sessions that arrived at different
+        times fall into step once, and from then on commit as one."""
+        n = self.n_decoding
         if not isinstance(tokens, Tensor):
             tokens = torch.tensor(list(tokens), dtype=torch.long)
         self.tokens[:n, 0] = tokens.to(self.tokens.device, non_blocking=True)
         with torch.no_grad(), self._autocast():
             self._forward(n)
         full = [i for i in range(n) if self.open_counts[i] + 1 == self.cfg.chunk]
-        self.open_counts = [(c + 1) % self.cfg.chunk for c in self.open_counts]
+        for i in range(n):
+            self.open_counts[i] = (self.open_counts[i] + 1) % self.cfg.chunk
+            self.learns[i] = learning[i]
+        if not self.commit_wait:
+            return self._commit_groups(full)
+        for i in range(n, self.n):  # the rows that were waiting already
+            self.waits[i] += 1
+        for i in reversed(full):  # each full row swaps with the last decoding row
+            last = self.n_decoding - 1
+            if i != last:
+                self._swap(i, last)
+            self.waits[last] = 0
+            self.n_waiting += 1
+        if self.n_waiting and self._commit_now():
+            return self.commit_waiting()
+        return []
+
+    def _commit_now(self) -> bool:
+        """Whether the waiting rows commit now: they wait only while another row will fill its
+        chunk (the host knows when: it counts each row's open tokens) before the longest waiting
+        of them would have waited `commit_wait` steps. A wait that nobody joins is never
+        taken."""
+        if self.n_decoding == 0:
+            return True
+        soonest = min(self.cfg.chunk - c for c in self.open_counts[:self.n_decoding])
+        return max(self.waits[self.n_decoding:]) + soonest > self.commit_wait
+
+    def commit_waiting(self):
+        """Commit every waiting row now (they decode again from the next step). Returns what
+        `step` returns."""
+        rows = list(range(self.n_decoding, self.n))
+        self.n_waiting = 0
+        return self._commit_groups(rows)
+
+    def _commit_groups(self, rows: list[int]):
+        groups: dict[Learning, list[int]] = {}
+        for i in rows:
+            groups.setdefault(self.learns[i], []).append(i)
         commits = []
-        if full:
-            groups: dict[Learning, list[int]] = {}
-            for i in full:
-                groups.setdefault(learning[i], []).append(i)
-            with torch.no_grad(), self._autocast():
-                for learn, rows in groups.items():
-                    commits.append((rows, self._commit(rows, learn)))
+        with torch.no_grad(), self._autocast():
+            for learn, group in groups.items():
+                commits.append((group, self._commit(group, learn)))
         return commits
 
     def logits(self) -> Tensor:
-        """Next-token logits [n, V] (float32) of the active rows."""
+        """Next-token logits [n_decoding, V] (float32) of the decoding rows."""
         with torch.no_grad(), self._autocast():
-            return self.model.logits(self.slots.last_hidden[:self.n]).float()
+            return self.model.logits(self.slots.last_hidden[:self.n_decoding]).float()
 
     def _autocast(self):
         dev = self.template.n_open.device.type

@@ -106,26 +106,34 @@ class _Running:
             self.job.emit(item)
 
 
+COMMIT_WAIT = 8  # steps a full chunk may wait to commit with others (CPU); see DecodeBatch.step
+
+
 class Scheduler:
     def __init__(self, engine: Engine, max_batch: int = 64, prefill_tokens: int = 256,
                  graphs: bool | None = None, on_step: Callable[[StepStats], None] | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, commit_wait: int | None = None) -> None:
         """`threads`: torch CPU threads of the scheduler's own thread (`start`). On CPU, keep
         every other thread that runs torch work at one thread: a second OpenMP team in the
         process (one per thread that ran a multi-threaded op) slows this one's steps by a third
-        to a half on a 2-core machine (docs/architecture.md, "Many sessions at once")."""
+        to a half on a 2-core machine (docs/architecture.md, "Many sessions at once").
+
+        `commit_wait`: steps a session whose chunk is full may wait for others to commit with
+        it (`DecodeBatch`); by default COMMIT_WAIT, and 0 with CUDA graphs (padded steps)."""
         self.engine = engine
         self.threads = threads
         self.max_batch = max_batch
         self.prefill_tokens = max(prefill_tokens, engine.cfg.chunk)
         if graphs is None:
             graphs = engine.device.type == "cuda"
+        if commit_wait is None:
+            commit_wait = 0 if graphs else COMMIT_WAIT
         self.batch = DecodeBatch(engine.model, engine.new_session().state, capacity=min(max_batch, 8),
-                                 graphs=graphs, autocast=engine.autocast)
+                                 graphs=graphs, autocast=engine.autocast, commit_wait=commit_wait)
         self.on_step = on_step
         self._waiting: deque[_Running] = deque()
         self._prefill: deque[_Running] = deque()
-        self._decoding: list[_Running] = []  # index = row in the batch
+        self._decoding: list[_Running] = []  # index = row in the batch (`batch.owners`)
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -258,12 +266,14 @@ class Scheduler:
             self._end(r)
         else:
             r.text = TextStream(self.engine.tokenizer, r.job.params)
-            r.row = self.batch.join(r.job.session.state)
-            self._decoding.append(r)
+            self.batch.join(r.job.session.state, owner=r)
+            self._sync_rows()
         return True
 
     def _decode_step(self) -> None:
-        rows = self._decoding
+        if self.batch.n_decoding == 0:  # only sessions waiting to commit are left
+            self._attach(self.batch.commit_waiting())
+        rows = self._decoding[:self.batch.n_decoding]
         logits = self.batch.logits()
         picked = pick_tokens(logits, [r.job.params for r in rows], [r.generator for r in rows])
         lps = logits.gather(1, picked[:, None])[:, 0] - torch.logsumexp(logits, -1)
@@ -271,12 +281,8 @@ class Scheduler:
         # holds the ids exactly); the tokens go into the batch's forward without leaving it
         host = torch.stack([picked.double(), lps.double()]).tolist()
         tokens, lps = [int(t) for t in host[0]], host[1]
-        commits = self.batch.step(picked, [r.learning for r in rows])
-        for row_ids, metrics in commits:
-            if metrics is None:
-                continue
-            for i, row in enumerate(row_ids):
-                rows[row].decode_updates += _records(metrics, i)
+        self._attach(self.batch.step(picked, [r.learning for r in rows]))
+        self._sync_rows()
         finished: list[tuple[_Running, BaseException | None]] = []
         for r, tok, lp in zip(rows, tokens, lps):
             assert r.text is not None
@@ -288,21 +294,32 @@ class Scheduler:
                 continue
             if r.text.finished:
                 finished.append((r, None))
-        # leave in descending row order, so a row that moves into a hole has been handled
-        for r, err in sorted(finished, key=lambda x: -(x[0].row or 0)):
+        for r, err in finished:
             self._leave(r)
             if err is None:
                 self._close_turn(r)
             self._end(r, err)
 
+    def _attach(self, commits) -> None:
+        """Each commit's updates go to the job of each row it committed."""
+        for row_ids, metrics in commits:
+            if metrics is None:
+                continue
+            for i, row in enumerate(row_ids):
+                self.batch.owners[row].decode_updates += _records(metrics, i)
+
+    def _sync_rows(self) -> None:
+        """Rows move inside the batch (joins, leaves, commits that wait): follow them."""
+        self._decoding = list(self.batch.owners)
+        for row, r in enumerate(self._decoding):
+            r.row = row
+
     def _leave(self, r: _Running) -> None:
         assert r.row is not None
-        last = self.batch.n - 1
+        if r.row >= self.batch.n_decoding:  # it waits to commit: commit first, with the others
+            self._attach(self.batch.commit_waiting())
         r.job.session.state = self.batch.leave(r.row)
-        moved = self._decoding[last]
-        self._decoding[r.row] = moved
-        moved.row = r.row
-        self._decoding.pop()
+        self._sync_rows()
         r.row = None
 
     def _close_turn(self, r: _Running) -> None:

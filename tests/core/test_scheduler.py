@@ -248,3 +248,66 @@ def test_decode_batch_steps_equal_the_functional_batched_step(engine, phases):
         for name, t in expect.tensors().items():
             torch.testing.assert_close(batch.view().tensors()[name], t, atol=ATOL, rtol=0,
                                        msg=f"step {step}: {name}")
+
+
+def test_rows_whose_chunks_fill_wait_and_commit_together(engine):
+    """With `commit_wait`, a row whose chunk fills steps aside until others fill theirs (or it
+    has waited long enough): the commits come in fewer, larger groups, sessions that committed
+    together stay in phase, and every session ends exactly where absorbing its own tokens ends."""
+    C = engine.cfg.chunk
+    phases = [0, 1, 2, C - 1, 1]
+    bases, streams = [], []
+    for i, phase in enumerate(phases):
+        s = engine.new_session()
+        engine.absorb(s, [(3 * i + j) % 4000 + 5 for j in range(C + phase - int(s.state.n_open[0]))])
+        bases.append(s)
+        streams.append([(17 * i + 5 * j) % 4000 + 5 for j in range(6 * C)])
+
+    def run(commit_wait: int):
+        batch = DecodeBatch(engine.model, engine.new_session().state, capacity=2, commit_wait=commit_wait)
+        for i, s in enumerate(bases):
+            batch.join(s.state, owner=i)
+        fed, groups = [0] * len(bases), []
+        for _ in range(4 * C):
+            owners = batch.owners[:batch.n_decoding]
+            tokens = [streams[o][fed[o]] for o in owners]
+            for o in owners:
+                fed[o] += 1
+            groups += [len(rows) for rows, _ in batch.step(tokens, [Learning()] * len(owners))]
+            assert batch.n_decoding > 0
+        groups += [len(rows) for rows, _ in batch.commit_waiting()]
+        return batch, fed, groups
+
+    _, _, eager_groups = run(0)
+    waited, fed, groups = run(3)
+    assert len(groups) < len(eager_groups)  # fewer, larger commits
+    assert max(groups) > max(eager_groups)
+    for row, owner in enumerate(waited.owners):
+        alone = bases[owner].copy()
+        engine.absorb(alone, streams[owner][:fed[owner]])
+        got = waited.row_state(row)
+        for name, t in alone.state.tensors().items():
+            if name == "last_hidden":  # a decode step keeps its own; absorb keeps the chunk's
+                continue
+            torch.testing.assert_close(got.tensors()[name], t, atol=ATOL, rtol=0, msg=f"session {owner}: {name}")
+
+
+def test_a_waiting_row_leaves_only_after_its_commit_and_joins_go_before_waiting_rows(engine):
+    C = engine.cfg.chunk
+    full, fresh = engine.new_session(), engine.new_session()
+    engine.absorb(full, list(range(5, 5 + C - 1 - int(full.state.n_open[0]))))  # one token short
+    batch = DecodeBatch(engine.model, fresh.state, capacity=4, commit_wait=3)
+    batch.join(full.state, owner="full")
+    batch.join(fresh.state, owner="fresh")
+    batch.step([7, 8], [Learning(), Learning()])
+    assert batch.owners == ["fresh", "full"] and batch.n_waiting == 1
+    with pytest.raises(ValueError):
+        batch.leave(1)
+    assert batch.join(engine.new_session().state, owner="new") == 1
+    assert batch.owners == ["fresh", "new", "full"] and batch.n_decoding == 2
+    (rows, _), = batch.commit_waiting()
+    assert rows == [2] and batch.n_waiting == 0
+    assert int(batch.row_state(2).n_committed[0]) == int(full.state.n_committed[0]) + C
+    left = batch.leave(0)
+    assert int(left.n_committed[0]) == int(fresh.state.n_committed[0])
+    assert batch.owners == ["full", "new"]  # the last decoding row took the hole
