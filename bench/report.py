@@ -126,10 +126,10 @@ def _engine(e: EngineResults) -> list[str]:
         s = e.single
         out += ["## Single-session decode, learning on versus off", "",
                 f"`hope_core.evaluate.decode_speed`: {s.tokens} sampled tokens after a short prompt, one session;"
-                f" best of {e.reps} alternated runs each way. Through the scheduler: the one-session rows of the"
-                f" next table, learning on and off, each the best of {e.reps} runs.", ""]
+                f" best of {e.reps} alternated runs each way. Through the scheduler: one session as in the"
+                f" next table, learning on and off, best of {e.reps} alternated runs each way.", ""]
         rows = [["on", _f(s.learn_on)], ["off", _f(s.learn_off)], ["on / off", _f(s.ratio, 2)]]
-        on, off = e.at(1), e.frozen_one
+        on, off = e.learning_one, e.frozen_one
         if on and off and e.scheduler_ratio:
             rows += [["on, through the scheduler (decode steps)", _f(on.decode_tokens_per_s)],
                      ["off, through the scheduler (decode steps)", _f(off.decode_tokens_per_s)],
