@@ -453,20 +453,19 @@ class TitansMemory(nn.Module):
         keep = torch.exp(log_alpha.sum(-1))[..., None, None, None]  # prod alpha, [B, H, 1, 1, 1]
         mom_into_mem = (q_t * beta ** (t_idx + 1)).sum(-1)[..., None, None, None]
 
-        def weighted(c: Tensor) -> tuple[Tensor, Tensor]:
-            cz = d_z * c[:, :, None, :, None]
-            ga = ku.transpose(-1, -2) @ cz  # sum_j c_j k_j^T dz_j   [B, H, N, dh, m]
-            gb = h.transpose(-1, -2) @ (d_out * c[:, :, None, :, None])  # [B, H, N, m, dh]
-            return ga, gb
+        # base - sum_j c_j u_j^T d_j, the chunk's weighted gradient taken off in the matmul
+        # itself: the state's memories are the largest tensors a commit touches, and every pass
+        # saved over them is a pass over memory
+        def minus_weighted(base: Tensor, c: Tensor, u: Tensor, d: Tensor) -> Tensor:
+            lead = base.shape[:-2]
+            u = u.expand(*lead, *u.shape[-2:]).flatten(0, -3)  # [BHN, T, x]
+            d = (d * c[:, :, None, :, None]).flatten(0, -3)  # [BHN, T, y]
+            return torch.baddbmm(base.flatten(0, -3), u.transpose(-1, -2), d, alpha=-1).view(base.shape)
 
-        ga_mem, gb_mem = weighted(c_mem)
-        ga_mom, gb_mom = weighted(c_mom)
-        # in-place on fresh intermediates: the state's memories are the largest tensors a
-        # commit touches, and every extra pass over them is a pass over memory
-        new_a = torch.addcmul(keep * a, mom_into_mem, sa).sub_(ga_mem)
-        new_b = torch.addcmul(keep * b, mom_into_mem, sb).sub_(gb_mem)
-        new_sa = (sa * beta ** T).sub_(ga_mom)
-        new_sb = (sb * beta ** T).sub_(gb_mom)
+        new_a = minus_weighted(torch.addcmul(keep * a, mom_into_mem, sa), c_mem, ku, d_z)
+        new_b = minus_weighted(torch.addcmul(keep * b, mom_into_mem, sb), c_mem, h, d_out)
+        new_sa = minus_weighted(sa * beta ** T, c_mom, ku, d_z)
+        new_sb = minus_weighted(sb * beta ** T, c_mom, h, d_out)
         cap = self.cfg.mem_max_norm
         new_a = new_a * (cap / new_a.norm(dim=(-2, -1), keepdim=True).clamp_min(cap))
         new_b = new_b * (cap / new_b.norm(dim=(-2, -1), keepdim=True).clamp_min(cap))
