@@ -94,6 +94,7 @@ class _Running:
         self.updates: list[UpdateRecord] = []  # made while absorbing the prompt
         self.decode_updates: list[UpdateRecord] = []
         self.close_updates: list[UpdateRecord] = []
+        self.closing = False  # its reply is done: its next (last) step absorbs `close_turn`
         self.text: TextStream | None = None
         self.generator = job.params.generator()
 
@@ -276,6 +277,11 @@ class Scheduler:
         rows = self._decoding[:self.batch.n_decoding]
         logits = self.batch.logits()
         picked = pick_tokens(logits, [r.job.params for r in rows], [r.generator for r in rows])
+        # a finished reply's turn-close token goes through the batched step like any token,
+        # instead of a forward of its own after the job leaves
+        closing = [i for i, r in enumerate(rows) if r.closing]
+        if closing:
+            picked[closing] = torch.tensor([rows[i].job.close_turn for i in closing], device=picked.device)
         lps = logits.gather(1, picked[:, None])[:, 0] - torch.logsumexp(logits, -1)
         # the step's one read from the device: each row's token and its log-probability (float64
         # holds the ids exactly); the tokens go into the batch's forward without leaving it
@@ -285,6 +291,9 @@ class Scheduler:
         self._sync_rows()
         finished: list[tuple[_Running, BaseException | None]] = []
         for r, tok, lp in zip(rows, tokens, lps):
+            if r.closing:
+                finished.append((r, None))
+                continue
             assert r.text is not None
             event = r.text.push(tok, lp)
             try:
@@ -293,11 +302,13 @@ class Scheduler:
                 finished.append((r, e))
                 continue
             if r.text.finished:
-                finished.append((r, None))
+                close = r.job.close_turn
+                if close is not None and not (r.text.ids and r.text.ids[-1] in r.text.stop_ids):
+                    r.closing = True  # one more step, then it leaves
+                else:
+                    finished.append((r, None))
         for r, err in finished:
             self._leave(r)
-            if err is None:
-                self._close_turn(r)
             self._end(r, err)
 
     def _attach(self, commits) -> None:
@@ -306,7 +317,11 @@ class Scheduler:
             if metrics is None:
                 continue
             for i, row in enumerate(row_ids):
-                self.batch.owners[row].decode_updates += _records(metrics, i)
+                owner = self.batch.owners[row]
+                if owner.closing:
+                    owner.close_updates += _records(metrics, i)
+                else:
+                    owner.decode_updates += _records(metrics, i)
 
     def _sync_rows(self) -> None:
         """Rows move inside the batch (joins, leaves, commits that wait): follow them."""
@@ -321,12 +336,6 @@ class Scheduler:
         r.job.session.state = self.batch.leave(r.row)
         self._sync_rows()
         r.row = None
-
-    def _close_turn(self, r: _Running) -> None:
-        assert r.text is not None
-        close = r.job.close_turn
-        if close is not None and not (r.text.ids and r.text.ids[-1] in r.text.stop_ids):
-            r.close_updates = self.engine.absorb(r.job.session, [close], r.learning).updates
 
     def _end(self, r: _Running, error: BaseException | None = None) -> None:
         if r.future.done():

@@ -311,3 +311,23 @@ def test_a_waiting_row_leaves_only_after_its_commit_and_joins_go_before_waiting_
     left = batch.leave(0)
     assert int(left.n_committed[0]) == int(fresh.state.n_committed[0])
     assert batch.owners == ["full", "new"]  # the last decoding row took the hole
+
+
+def test_turn_close_tokens_go_through_the_batched_step(engine):
+    """A finished reply's turn-close token is absorbed in the next batched step, beside jobs
+    still decoding (and possibly completing a chunk there): every session ends as if it were
+    alone, with the close token absorbed after its reply."""
+    jobs = [([300, 301, 302], SamplingParams(max_tokens=5, seed=3), 7),
+            ([40, 41], SamplingParams(max_tokens=engine.cfg.chunk - 3, seed=4), 9),
+            ([50] * 11, SamplingParams(max_tokens=20, seed=5), None)]
+    sched = Scheduler(engine)
+    sessions = [engine.new_session() for _ in jobs]
+    futs = [sched.submit(Job(s, p, params, close_turn=close)) for s, (p, params, close) in zip(sessions, jobs)]
+    run_to_end(sched, futs)
+    for s, fut, (prompt, params, close) in zip(sessions, futs, jobs):
+        ref, ref_session = alone(engine, prompt, params)
+        if close is not None:
+            engine.absorb(ref_session, [close])
+        assert fut.result().generation.token_ids == ref.token_ids
+        assert s.tokens_absorbed == ref_session.tokens_absorbed
+        assert_same_state(s, ref_session)
