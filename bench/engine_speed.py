@@ -168,8 +168,9 @@ def run(engine: Engine, levels: list[int], single_tokens: int, concurrent_tokens
     if scheduler_available():
         concurrency(engine, levels, concurrent_tokens, log=log, rows=res.concurrency, threads=threads,
                     reps=reps)
-        # on and off alternated, so that a slow spell of a shared machine lands on both sides
-        for _ in range(reps):
+        # on and off alternated, so that a slow spell of a shared machine lands on both sides;
+        # a one-session run lasts half a second, so it takes more of them to find a quiet one
+        for _ in range(reps + 2):
             for learn in (True, False):
                 row = concurrency(engine, [1], concurrent_tokens, learn=learn, log=log, threads=threads)[0]
                 best = res.learning_one if learn else res.frozen_one

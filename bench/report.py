@@ -127,7 +127,7 @@ def _engine(e: EngineResults) -> list[str]:
         out += ["## Single-session decode, learning on versus off", "",
                 f"`hope_core.evaluate.decode_speed`: {s.tokens} sampled tokens after a short prompt, one session;"
                 f" best of {e.reps} alternated runs each way. Through the scheduler: one session as in the"
-                f" next table, learning on and off, best of {e.reps} alternated runs each way.", ""]
+                f" next table, learning on and off, best of {e.reps + 2} alternated runs each way.", ""]
         rows = [["on", _f(s.learn_on)], ["off", _f(s.learn_off)], ["on / off", _f(s.ratio, 2)]]
         on, off = e.learning_one, e.frozen_one
         if on and off and e.scheduler_ratio:
