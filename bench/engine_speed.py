@@ -67,6 +67,8 @@ class EngineResults:
     single: SingleSession | None = None
     concurrency: list[ConcurrencyRow] = field(default_factory=list)
     note: str = ""  # why the concurrency rows are missing, when they are
+    # sessions out of phase, with and without waiting to commit together: commit_wait -> row
+    scattered: dict[int, ConcurrencyRow] = field(default_factory=dict)
     # one session through the scheduler, learning on and off, in alternated runs
     learning_one: ConcurrencyRow | None = None
     frozen_one: ConcurrencyRow | None = None
@@ -109,20 +111,25 @@ def single_session(engine: Engine, n_tokens: int, reps: int = 1, log=print) -> S
 
 def concurrency(engine: Engine, levels: list[int], n_tokens: int, n_prompt: int = 16, learn: bool = True,
                 log=print, rows: list[ConcurrencyRow] | None = None,
-                threads: int | None = None, reps: int = 1) -> list[ConcurrencyRow]:
+                threads: int | None = None, reps: int = 1, scattered: bool = False,
+                commit_wait: int | None = None) -> list[ConcurrencyRow]:
     """Aggregate tokens/s at each number of concurrent sessions, through the scheduler. Rows are
     appended to `rows` (when given) as each level finishes, so an interrupted run keeps them.
     With `reps`, each level runs that many times and keeps its best run (the least disturbed on
-    a shared machine); the repetitions of a level follow each other, the levels in order."""
+    a shared machine); the repetitions of a level follow each other, the levels in order.
+    `scattered`: session i's prompt is i tokens longer (modulo a chunk), so the sessions'
+    chunks close at different steps, as they do for requests that arrive at different times."""
     from hope_core.scheduler import Job, Scheduler
 
     steps: list = []
-    sched = Scheduler(engine, max_batch=max(levels), on_step=steps.append, threads=threads)
+    sched = Scheduler(engine, max_batch=max(levels), on_step=steps.append, threads=threads,
+                      commit_wait=commit_wait)
     sched.start()
-    prompt = prompt_tokens(engine, n_prompt)
+    prompt = prompt_tokens(engine, n_prompt + engine.cfg.chunk)
 
     def run_level(n: int, max_tokens: int, seed0: int) -> tuple[int, float]:
-        jobs = [Job(session=engine.new_session(), prompt=list(prompt),
+        extra = [i % engine.cfg.chunk if scattered else 0 for i in range(n)]
+        jobs = [Job(session=engine.new_session(), prompt=prompt[:n_prompt + extra[i]],
                     params=SamplingParams(max_tokens=max_tokens, seed=seed0 + i), learn=learn) for i in range(n)]
         t0 = time.perf_counter()
         futures = [sched.submit(j) for j in jobs]
@@ -179,7 +186,25 @@ def run(engine: Engine, levels: list[int], single_tokens: int, concurrent_tokens
                         res.learning_one = row
                     else:
                         res.frozen_one = row
+        if engine.device.type == "cpu":  # with CUDA graphs, full chunks always commit at once
+            out_of_phase(engine, min(16, max(levels)), concurrent_tokens, reps, res, log, threads)
     else:
         res.note = "hope_core.scheduler is not available"
         log(f"engine concurrency: skipped ({res.note})")
     return res
+
+
+def out_of_phase(engine: Engine, n: int, n_tokens: int, reps: int, res: EngineResults, log=print,
+                 threads: int | None = None) -> None:
+    """n sessions whose chunks close at different steps, committing each at once (commit_wait
+    0) against waiting to commit together (the scheduler's default); alternated, best of each."""
+    from hope_core.scheduler import COMMIT_WAIT
+
+    for _ in range(reps):
+        for wait in (0, COMMIT_WAIT):
+            row = concurrency(engine, [n], n_tokens, log=lambda *_: None, threads=threads,
+                              scattered=True, commit_wait=wait)[0]
+            if wait not in res.scattered or row.tokens_per_s > res.scattered[wait].tokens_per_s:
+                res.scattered[wait] = row
+    for wait, row in sorted(res.scattered.items()):
+        log(f"engine {n:>3} sessions out of phase, commit_wait {wait}: {row.tokens_per_s:9.1f} tok/s aggregate")

@@ -149,7 +149,16 @@ def _engine(e: EngineResults) -> list[str]:
                          _f(row.decode_tokens_per_s), _f(row.step_s, 2, 1e3)])
         out += _table(["sessions", "tokens", "tokens/s end to end", "speedup vs 1", "tokens/s decode",
                        "decode step ms"], rows)
-    elif e.note:
+    if e.scattered:
+        n = next(iter(e.scattered.values())).sessions
+        out += ["### Sessions out of phase", "",
+                f"{n} sessions whose prompts differ in length, so that their chunks close at different steps (as",
+                "requests arriving at different times do), each committing its chunk at once (`commit_wait` 0) or",
+                "waiting, out of the decode step, for others to commit with it (the scheduler's default). End to end,",
+                f"best of {e.reps} alternated runs.", ""]
+        out += _table(["commit_wait", "tokens/s end to end"],
+                      [[str(w), _f(r.tokens_per_s)] for w, r in sorted(e.scattered.items())])
+    if e.note and not e.concurrency:
         out += ["## Concurrent sessions through the engine's scheduler", "", f"Not measured: {e.note}.", ""]
     return out
 
