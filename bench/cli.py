@@ -49,7 +49,7 @@ class Plan:
                        concurrent_tokens=32, http_tokens=16, http_requests_per_slot=1, http_min_requests=4,
                        baseline_tokens=32, baseline_reps=2, state_d_models=[128], state_reps=3)
         levels = [1, 4, 16, 64, 256, 512] if cuda else [1, 4, 16, 64]
-        return cls(levels=levels, http_levels=levels, single_tokens=256 if cuda else 200, single_reps=3,
+        return cls(levels=levels, http_levels=levels, single_tokens=256 if cuda else 200, single_reps=5,
                    concurrent_tokens=128 if cuda else 64, http_tokens=64 if cuda else 32,
                    http_requests_per_slot=2, http_min_requests=8, baseline_tokens=128 if cuda else 64,
                    # one `generate` call on CUDA is all launch overhead (tens of ms a step): one run is enough
