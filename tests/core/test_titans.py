@@ -295,3 +295,25 @@ def test_inner_loop_gradient_equals_finite_differences(self_modifying, n_chunks)
             assert abs(analytic - numeric) <= 1e-6 + 1e-4 * abs(numeric), (name, analytic, numeric)
             assert abs(numeric) > 1e-7, f"{name}: no effect on the loss, the check is vacuous"
 
+
+
+@pytest.mark.parametrize("self_modifying", [True, False])
+def test_layers_stacked_in_one_write_equal_one_write_per_layer(self_modifying):
+    """A commit of a few sessions writes all layers as one stacked write (`HopeLM._write_titans`,
+    each layer with its own momentum): the same memories and metrics as writing layer by layer."""
+    torch.manual_seed(1)
+    model = make_model(HopeConfig(**(SMALL | {"self_modifying": self_modifying})), seed=2).double()
+    with torch.no_grad():
+        for i, blk in enumerate(model.blocks):
+            blk.titans.beta_logit.fill_(0.9 - 1.3 * i)  # different momenta per layer
+    cfg = model.cfg
+    inputs = [random_inputs(cfg, B=3, T=cfg.chunk, seed=10 + i) for i in range(cfg.n_layers)]
+    with torch.no_grad():
+        separate = [blk.titans.write(layer, upd) for blk, (layer, upd) in zip(model.blocks, inputs)]
+        layers = [dict(layer) for layer, _ in inputs]
+        surprise, rel = model._write_titans(layers, [upd for _, upd in inputs])
+    for layer, (new, _, _) in zip(layers, separate):
+        for key, t in new.items():
+            torch.testing.assert_close(layer[key], t, rtol=0, atol=1e-12)
+    torch.testing.assert_close(surprise, torch.stack([s for _, s, _ in separate]).mean(0), rtol=0, atol=1e-12)
+    torch.testing.assert_close(rel, torch.stack([r for _, _, r in separate]).mean(0), rtol=0, atol=1e-12)
