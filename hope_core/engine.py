@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -239,9 +239,20 @@ class Engine:
         row's chunk closes (the caller knows). Returns the new state, each committed row's
         updates and, with `score`, each row's log-probabilities."""
         prev = state.last_hidden[:, None]
+        T, C = toks.shape[1], self.cfg.chunk
         with torch.no_grad(), self.amp():
-            if toks.shape[1] == self.cfg.chunk:  # whole chunks from a boundary: compute and learn at once
+            if T == C:  # whole chunks from a boundary: compute and learn at once
                 hidden, state, metrics = self.model.learn_chunk(toks, state, learning)
+                recs = {i: _records(metrics, i) for i in range(toks.shape[0])}
+            elif closes and T > 1 and learning.any and bool((state.n_open + T == C).all()):
+                # a prompt piece closes every row's chunk: learning re-computes the whole chunk
+                # from its start anyway, and that forward gives the piece's hidden states as
+                # well. (One sampled token keeps its own forward: as in the decode batch, the
+                # next token is sampled from the decode step's hidden state, not the commit's.)
+                tokens = torch.cat([state.open_tokens[:, :C - T], toks], 1)
+                start = replace(state, n_open=torch.zeros_like(state.n_open))
+                hidden, state, metrics = self.model.learn_chunk(tokens, start, learning)
+                hidden = hidden[:, C - T:]
                 recs = {i: _records(metrics, i) for i in range(toks.shape[0])}
             else:
                 hidden, state, _ = self.model.forward_open(toks, state)
