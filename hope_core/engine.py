@@ -268,11 +268,10 @@ class Engine:
 
         Returns the new state and the updates of each committed row."""
         full = (state.n_open == self.cfg.chunk).nonzero(as_tuple=True)[0]
-        done, metrics = self.model.close_chunk(state.select(full), learning)
+        every = len(full) == state.batch_size  # then no row needs copying out and back
+        done, metrics = self.model.close_chunk(state if every else state.select(full), learning)
         recs = {} if metrics is None else {row: _records(metrics, i) for i, row in enumerate(full.tolist())}
-        if len(full) == state.batch_size:
-            return done, recs
-        return state.scatter(full, done), recs
+        return (done if every else state.scatter(full, done)), recs
 
     def _logprobs(self, hidden: Tensor, targets: Tensor) -> list[list[float]]:
         logp = F.log_softmax(self.model.logits(hidden).float(), -1)
