@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -32,13 +33,16 @@ def scheduler_available() -> bool:
 
 @dataclass
 class SingleSession:
-    learn_on: float  # tokens/s
+    learn_on: float  # tokens/s, the best run
     learn_off: float
     tokens: int
+    pair_ratios: list[float] = field(default_factory=list)  # on / off, runs back to back
 
     @property
     def ratio(self) -> float:
-        return self.learn_on / self.learn_off
+        """The median over pairs of back-to-back runs: a slow spell of a shared machine (they
+        last seconds to minutes here) lands on both runs of a pair."""
+        return statistics.median(self.pair_ratios) if self.pair_ratios else self.learn_on / self.learn_off
 
 
 @dataclass
@@ -65,27 +69,38 @@ class ConcurrencyRow:
 class EngineResults:
     device: str
     single: SingleSession | None = None
-    concurrency: list[ConcurrencyRow] = field(default_factory=list)
+    concurrency: list[ConcurrencyRow] = field(default_factory=list)  # the best run of each level
+    sweeps: list[list[ConcurrencyRow]] = field(default_factory=list)  # every run, one list per sweep
     note: str = ""  # why the concurrency rows are missing, when they are
     # sessions out of phase, with and without waiting to commit together: commit_wait -> row
     scattered: dict[int, ConcurrencyRow] = field(default_factory=dict)
+    scattered_ratios: list[float] = field(default_factory=list)  # waiting / at once, back to back
     # one session through the scheduler, learning on and off, in alternated runs
     learning_one: ConcurrencyRow | None = None
     frozen_one: ConcurrencyRow | None = None
-    reps: int = 1  # runs of each measurement; the best is kept
+    scheduler_pairs: list[float] = field(default_factory=list)  # on / off decode, back to back
+    reps: int = 1  # runs of each measurement
 
     @property
     def scheduler_ratio(self) -> float | None:
-        """Learning on over off, one session through the scheduler (decode steps)."""
-        on, off = self.learning_one, self.frozen_one
-        if on and off and on.decode_tokens_per_s and off.decode_tokens_per_s:
-            return on.decode_tokens_per_s / off.decode_tokens_per_s
-        return None
+        """Learning on over off, one session through the scheduler (decode steps): the median
+        over pairs of back-to-back runs."""
+        return statistics.median(self.scheduler_pairs) if self.scheduler_pairs else None
 
     def at(self, sessions: int) -> ConcurrencyRow | None:
         return next((r for r in self.concurrency if r.sessions == sessions), None)
 
     def speedup(self, sessions: int) -> float | None:
+        """Tokens/s end to end at `sessions` over one session: the median over the sweeps of the
+        ratio within a sweep (a sweep runs every level once, a few seconds in all)."""
+        ratios = []
+        for sweep in self.sweeps:
+            one = next((r for r in sweep if r.sessions == 1), None)
+            many = next((r for r in sweep if r.sessions == sessions), None)
+            if one and many:
+                ratios.append(many.tokens_per_s / one.tokens_per_s)
+        if ratios:
+            return statistics.median(ratios)
         one, many = self.at(1), self.at(sessions)
         return many.tokens_per_s / one.tokens_per_s if one and many else None
 
@@ -98,25 +113,25 @@ def prompt_tokens(engine: Engine, n: int) -> list[int]:
 
 
 def single_session(engine: Engine, n_tokens: int, reps: int = 1, log=print) -> SingleSession:
-    """Best of `reps` alternated runs each way: on a shared machine the best run is the one the
-    least disturbed, and alternating keeps a slow spell from landing on one side only."""
-    on, off = 0.0, 0.0
+    """`reps` pairs of back-to-back runs, learning on then off: the best run of each way, and the
+    median of the pairs' ratios."""
+    on, off = [], []
     for _ in range(reps):
-        on = max(on, decode_speed(engine, Learning(), n_tokens))
-        off = max(off, decode_speed(engine, Learning.off(), n_tokens))
-    res = SingleSession(on, off, n_tokens)
-    log(f"engine single session: learning on {on:.1f} tok/s, off {off:.1f} tok/s, ratio {res.ratio:.2f}")
+        on.append(decode_speed(engine, Learning(), n_tokens))
+        off.append(decode_speed(engine, Learning.off(), n_tokens))
+    res = SingleSession(max(on), max(off), n_tokens, [a / b for a, b in zip(on, off)])
+    log(f"engine single session: learning on {res.learn_on:.1f} tok/s, off {res.learn_off:.1f} tok/s, "
+        f"ratio {res.ratio:.2f} (median of {reps} pairs)")
     return res
 
 
 def concurrency(engine: Engine, levels: list[int], n_tokens: int, n_prompt: int = 16, learn: bool = True,
-                log=print, rows: list[ConcurrencyRow] | None = None,
-                threads: int | None = None, reps: int = 1, scattered: bool = False,
-                commit_wait: int | None = None) -> list[ConcurrencyRow]:
-    """Aggregate tokens/s at each number of concurrent sessions, through the scheduler. Rows are
-    appended to `rows` (when given) as each level finishes, so an interrupted run keeps them.
-    With `reps`, each level runs that many times and keeps its best run (the least disturbed on
-    a shared machine); the repetitions of a level follow each other, the levels in order.
+                log=print, threads: int | None = None, reps: int = 1, scattered: bool = False,
+                commit_wait: int | None = None, sweeps: list[list[ConcurrencyRow]] | None = None
+                ) -> list[ConcurrencyRow]:
+    """Aggregate tokens/s at each number of concurrent sessions, through the scheduler: `reps`
+    sweeps over the levels (each sweep appended to `sweeps` as it ends, so an interrupted run
+    keeps them); returns the best run of each level, the least disturbed on a shared machine.
     `scattered`: session i's prompt is i tokens longer (modulo a chunk), so the sessions'
     chunks close at different steps, as they do for requests that arrive at different times."""
     from hope_core.scheduler import Job, Scheduler
@@ -127,42 +142,39 @@ def concurrency(engine: Engine, levels: list[int], n_tokens: int, n_prompt: int 
     sched.start()
     prompt = prompt_tokens(engine, n_prompt + engine.cfg.chunk)
 
-    def run_level(n: int, max_tokens: int, seed0: int) -> tuple[int, float]:
+    def run_level(n: int, max_tokens: int, seed0: int) -> ConcurrencyRow:
         extra = [i % engine.cfg.chunk if scattered else 0 for i in range(n)]
         jobs = [Job(session=engine.new_session(), prompt=prompt[:n_prompt + extra[i]],
                     params=SamplingParams(max_tokens=max_tokens, seed=seed0 + i), learn=learn) for i in range(n)]
+        steps.clear()
         t0 = time.perf_counter()
         futures = [sched.submit(j) for j in jobs]
         results = [f.result() for f in futures]
         dt = time.perf_counter() - t0
-        return sum(len(r.generation.token_ids) for r in results if r.generation is not None), dt
+        tokens = sum(len(r.generation.token_ids) for r in results if r.generation is not None)
+        # the mean, not the median: the steps that commit a chunk (and learn) are part of the cost
+        full = [s.seconds for s in steps if s.batch_size == n and s.prefill_tokens == 0]
+        return ConcurrencyRow(n, tokens, dt, learn, sum(full) / len(full) if full else None)
 
-    rows = [] if rows is None else rows
+    sweeps = [] if sweeps is None else sweeps
     try:
         # warm-up: a full chunk so that the learning commit path runs once before any clock; on
         # CUDA at every level, since each new batch size captures its CUDA graphs on first use
-        cuda = engine.device.type == "cuda"
         run_level(min(4, max(levels)), engine.cfg.chunk + 2, 10_000)
-        for n in levels:
-            if cuda:
+        if engine.device.type == "cuda":
+            for n in levels:
                 run_level(n, engine.cfg.chunk + 2, 20_000)
-            best: ConcurrencyRow | None = None
-            for _ in range(reps):
-                steps.clear()
-                tokens, dt = run_level(n, n_tokens, 0)
-                # the mean, not the median: the steps that commit a chunk (and learn) are part of the cost
-                full = [s.seconds for s in steps if s.batch_size == n and s.prefill_tokens == 0]
-                row = ConcurrencyRow(n, tokens, dt, learn, sum(full) / len(full) if full else None)
-                if best is None or row.tokens_per_s > best.tokens_per_s:
-                    best = row
-            row = best
-            rows.append(row)
-            step = f", decode step {row.step_s * 1e3:.2f} ms" if row.step_s else ""
-            log(f"engine {n:>3} sessions: {row.tokens_per_s:9.1f} tok/s aggregate "
-                f"({tokens} tokens in {dt:.2f} s{step})")
+        for _ in range(reps):
+            sweeps.append([run_level(n, n_tokens, 0) for n in levels])
     finally:
         sched.stop()
-    return rows
+    best = [max((sweep[i] for sweep in sweeps[-reps:]), key=lambda r: r.tokens_per_s)
+            for i in range(len(levels))]
+    for row in best:
+        step = f", decode step {row.step_s * 1e3:.2f} ms" if row.step_s else ""
+        log(f"engine {row.sessions:>3} sessions: {row.tokens_per_s:9.1f} tok/s aggregate "
+            f"({row.tokens} tokens in {row.seconds:.2f} s{step}), best of {reps}")
+    return best
 
 
 def run(engine: Engine, levels: list[int], single_tokens: int, concurrent_tokens: int, reps: int = 1,
@@ -172,39 +184,44 @@ def run(engine: Engine, levels: list[int], single_tokens: int, concurrent_tokens
     if publish:
         publish(res)
     res.single = single_session(engine, single_tokens, reps, log)
-    if scheduler_available():
-        concurrency(engine, levels, concurrent_tokens, log=log, rows=res.concurrency, threads=threads,
-                    reps=reps)
-        # on and off alternated, so that a slow spell of a shared machine lands on both sides;
-        # a one-session run lasts half a second, so it takes more of them to find a quiet one
-        for _ in range(reps + 2):
-            for learn in (True, False):
-                row = concurrency(engine, [1], concurrent_tokens, learn=learn, log=log, threads=threads)[0]
-                best = res.learning_one if learn else res.frozen_one
-                if best is None or row.tokens_per_s > best.tokens_per_s:
-                    if learn:
-                        res.learning_one = row
-                    else:
-                        res.frozen_one = row
-        if engine.device.type == "cpu":  # with CUDA graphs, full chunks always commit at once
-            out_of_phase(engine, min(16, max(levels)), concurrent_tokens, reps, res, log, threads)
-    else:
+    if not scheduler_available():
         res.note = "hope_core.scheduler is not available"
         log(f"engine concurrency: skipped ({res.note})")
+        return res
+    res.concurrency[:] = concurrency(engine, levels, concurrent_tokens, log=log, threads=threads, reps=reps,
+                                     sweeps=res.sweeps)
+    for n in levels[1:]:
+        log(f"engine {n:>3} sessions over one: {res.speedup(n):.2f}x (median of {reps} sweeps)")
+    # learning on then off, back to back: a slow spell of a shared machine lands on both
+    on, off = [], []
+    for _ in range(reps):
+        on.append(concurrency(engine, [1], concurrent_tokens, learn=True, log=lambda *_: None, threads=threads)[0])
+        off.append(concurrency(engine, [1], concurrent_tokens, learn=False, log=lambda *_: None, threads=threads)[0])
+    res.learning_one = max(on, key=lambda r: r.decode_tokens_per_s or 0)
+    res.frozen_one = max(off, key=lambda r: r.decode_tokens_per_s or 0)
+    res.scheduler_pairs = [a.decode_tokens_per_s / b.decode_tokens_per_s for a, b in zip(on, off)
+                           if a.decode_tokens_per_s and b.decode_tokens_per_s]
+    log(f"engine one session through the scheduler, learning on / off: {res.scheduler_ratio:.2f} "
+        f"(median of {reps} pairs)")
+    if engine.device.type == "cpu":  # with CUDA graphs, full chunks always commit at once
+        out_of_phase(engine, min(16, max(levels)), concurrent_tokens, reps, res, log, threads)
     return res
 
 
 def out_of_phase(engine: Engine, n: int, n_tokens: int, reps: int, res: EngineResults, log=print,
                  threads: int | None = None) -> None:
     """n sessions whose chunks close at different steps, committing each at once (commit_wait
-    0) against waiting to commit together (the scheduler's default); alternated, best of each."""
+    0) against waiting to commit together (the scheduler's default), back to back."""
     from hope_core.scheduler import COMMIT_WAIT
 
     for _ in range(reps):
+        pair = {}
         for wait in (0, COMMIT_WAIT):
             row = concurrency(engine, [n], n_tokens, log=lambda *_: None, threads=threads,
                               scattered=True, commit_wait=wait)[0]
+            pair[wait] = row
             if wait not in res.scattered or row.tokens_per_s > res.scattered[wait].tokens_per_s:
                 res.scattered[wait] = row
+        res.scattered_ratios.append(pair[COMMIT_WAIT].tokens_per_s / pair[0].tokens_per_s)
     for wait, row in sorted(res.scattered.items()):
         log(f"engine {n:>3} sessions out of phase, commit_wait {wait}: {row.tokens_per_s:9.1f} tok/s aggregate")

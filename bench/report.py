@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import statistics
 import time
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -126,8 +127,9 @@ def _engine(e: EngineResults) -> list[str]:
         s = e.single
         out += ["## Single-session decode, learning on versus off", "",
                 f"`hope_core.evaluate.decode_speed`: {s.tokens} sampled tokens after a short prompt, one session;"
-                f" best of {e.reps} alternated runs each way. Through the scheduler: one session as in the"
-                f" next table, learning on and off, best of {e.reps + 2} alternated runs each way.", ""]
+                f" {e.reps} pairs of back-to-back runs, learning on then off: the best run each way, and the"
+                " median of the pairs' ratios (a slow spell of this shared machine lands on both runs of a pair)."
+                " Through the scheduler: one session as in the next table, decode steps, in the same way.", ""]
         rows = [["on", _f(s.learn_on)], ["off", _f(s.learn_off)], ["on / off", _f(s.ratio, 2)]]
         on, off = e.learning_one, e.frozen_one
         if on and off and e.scheduler_ratio:
@@ -141,11 +143,12 @@ def _engine(e: EngineResults) -> list[str]:
                 "N fresh sessions submitted at once, each a 16-token prompt then the same number of sampled tokens,",
                 "learning on. End to end: generated tokens over the wall time, prefill included. Decode: N over the",
                 "mean time of a decode step with all N sessions in the batch (chunk commits included). Each row is",
-                f"the best of {e.reps} runs of that level.", ""]
+                f"the best of {e.reps} sweeps over the levels; the speedup is the median over the sweeps of the ratio",
+                "within a sweep.", ""]
         rows = []
         for row in e.concurrency:
             rows.append([str(row.sessions), str(row.tokens), _f(row.tokens_per_s),
-                         _f(row.tokens_per_s / one.tokens_per_s, 2, suffix="x") if one else "-",
+                         _f(e.speedup(row.sessions), 2, suffix="x") if one else "-",
                          _f(row.decode_tokens_per_s), _f(row.step_s, 2, 1e3)])
         out += _table(["sessions", "tokens", "tokens/s end to end", "speedup vs 1", "tokens/s decode",
                        "decode step ms"], rows)
@@ -155,9 +158,11 @@ def _engine(e: EngineResults) -> list[str]:
                 f"{n} sessions whose prompts differ in length, so that their chunks close at different steps (as",
                 "requests arriving at different times do), each committing its chunk at once (`commit_wait` 0) or",
                 "waiting, out of the decode step, for others to commit with it (the scheduler's default). End to end,",
-                f"best of {e.reps} alternated runs.", ""]
+                f"best of {e.reps} runs each; the gain is the median over pairs of back-to-back runs.", ""]
         out += _table(["commit_wait", "tokens/s end to end"],
                       [[str(w), _f(r.tokens_per_s)] for w, r in sorted(e.scattered.items())])
+        if e.scattered_ratios:
+            out += [f"Waiting to commit together: {statistics.median(e.scattered_ratios):.2f}x the tokens/s.", ""]
     if e.note and not e.concurrency:
         out += ["## Concurrent sessions through the engine's scheduler", "", f"Not measured: {e.note}.", ""]
     return out
