@@ -36,13 +36,13 @@ class SingleSession:
     learn_on: float  # tokens/s, the best run
     learn_off: float
     tokens: int
-    pair_ratios: list[float] = field(default_factory=list)  # on / off, runs back to back
+    pair_ratios: list[float]  # on / off, runs back to back
 
     @property
     def ratio(self) -> float:
         """The median over pairs of back-to-back runs: a slow spell of a shared machine (they
         last seconds to minutes here) lands on both runs of a pair."""
-        return statistics.median(self.pair_ratios) if self.pair_ratios else self.learn_on / self.learn_off
+        return statistics.median(self.pair_ratios)
 
 
 @dataclass
@@ -99,10 +99,7 @@ class EngineResults:
             many = next((r for r in sweep if r.sessions == sessions), None)
             if one and many:
                 ratios.append(many.tokens_per_s / one.tokens_per_s)
-        if ratios:
-            return statistics.median(ratios)
-        one, many = self.at(1), self.at(sessions)
-        return many.tokens_per_s / one.tokens_per_s if one and many else None
+        return statistics.median(ratios) if ratios else None
 
 
 def prompt_tokens(engine: Engine, n: int) -> list[int]:

@@ -686,14 +686,7 @@ class HopeLM(nn.Module):
             if learning.fast or learning.mid:
                 self._write_cms(tokens, hidden, start, layers, updates, learning, metrics, training)
             if learning.titans:
-                if tokens.shape[0] <= STACK_TITANS_ROWS:
-                    surprise, rel = self._write_titans(layers, upds)
-                else:
-                    writes = [blk.titans.write(layer, upd) for blk, layer, upd in zip(self.blocks, layers, upds)]
-                    for layer, (new, _, _) in zip(layers, writes):
-                        layer.update(new)
-                    surprise = torch.stack([w[1] for w in writes]).mean(0)
-                    rel = torch.stack([w[2] for w in writes]).mean(0)
+                surprise, rel = self._write_titans(layers, upds)
                 metrics.surprise["titans"] = surprise.detach()
                 metrics.update_norm["titans"] = rel.detach()
                 updates[:, 0] += 1
@@ -704,12 +697,16 @@ class HopeLM(nn.Module):
         return hidden, self.roll(after), metrics
 
     def _write_titans(self, layers: list[dict[str, Tensor]], upds: list) -> tuple[Tensor, Tensor]:
-        """Every layer's Titans write, as one write of the layers stacked as rows: a write is a
-        hundred small ops, and this way a commit of a few sessions pays them once, not per
-        layer (with many sessions, stacking their memories costs more than the ops it saves:
-        STACK_TITANS_ROWS). Returns the surprise and the relative update per session, averaged
-        over the layers."""
+        """Every layer's Titans write. Returns the surprise and the relative update per session,
+        averaged over the layers. A write is a hundred small ops: for a few sessions the layers
+        are stacked as rows of one write, paying them once, not per layer; with many sessions,
+        stacking their memories would cost more than the ops it saves (STACK_TITANS_ROWS)."""
         L, B = len(layers), upds[0][0].shape[0]
+        if B > STACK_TITANS_ROWS:
+            writes = [blk.titans.write(layer, upd) for blk, layer, upd in zip(self.blocks, layers, upds)]
+            for layer, (new, _, _) in zip(layers, writes):
+                layer.update(new)
+            return torch.stack([w[1] for w in writes]).mean(0), torch.stack([w[2] for w in writes]).mean(0)
         keys = ("mem_a", "mem_b", "mom_a", "mom_b")
         mem = {k: torch.cat([layer[k] for layer in layers]) for k in keys}
         upd = tuple(torch.cat([u[i] for u in upds]) for i in range(len(upds[0])))

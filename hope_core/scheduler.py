@@ -90,7 +90,6 @@ class _Running:
         self.pos = 0  # prompt tokens absorbed
         self.prompt_logprobs: list[float] = []
         self.open: int | None = None  # tokens in the session's open chunk (host copy)
-        self.row: int | None = None  # row in the decode batch while generating
         self.updates: list[UpdateRecord] = []  # made while absorbing the prompt
         self.decode_updates: list[UpdateRecord] = []
         self.close_updates: list[UpdateRecord] = []
@@ -134,7 +133,6 @@ class Scheduler:
         self.on_step = on_step
         self._waiting: deque[_Running] = deque()
         self._prefill: deque[_Running] = deque()
-        self._decoding: list[_Running] = []  # index = row in the batch (`batch.owners`)
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -167,6 +165,11 @@ class Scheduler:
         self._fail_all(RuntimeError("the scheduler stopped"))
 
     @property
+    def _decoding(self) -> list[_Running]:
+        """The generating jobs, in the order of their rows in the decode batch."""
+        return self.batch.owners
+
+    @property
     def busy(self) -> int:
         """Jobs admitted or waiting."""
         return len(self._waiting) + len(self._prefill) + len(self._decoding)
@@ -197,7 +200,7 @@ class Scheduler:
         for r in [r for r in self._prefill if r.cancelled]:
             self._prefill.remove(r)
             self._end(r, Cancelled())
-        for r in sorted((r for r in self._decoding if r.cancelled), key=lambda r: -(r.row or 0)):
+        for r in [r for r in self._decoding if r.cancelled]:
             self._leave(r)
             self._end(r, Cancelled())
         n_prefill = self._prefill_step()
@@ -268,7 +271,6 @@ class Scheduler:
         else:
             r.text = TextStream(self.engine.tokenizer, r.job.params)
             self.batch.join(r.job.session.state, owner=r)
-            self._sync_rows()
         return True
 
     def _decode_step(self) -> None:
@@ -288,7 +290,6 @@ class Scheduler:
         host = torch.stack([picked.double(), lps.double()]).tolist()
         tokens, lps = [int(t) for t in host[0]], host[1]
         self._attach(self.batch.step(picked, [r.learning for r in rows]))
-        self._sync_rows()
         finished: list[tuple[_Running, BaseException | None]] = []
         for r, tok, lp in zip(rows, tokens, lps):
             if r.closing:
@@ -323,19 +324,11 @@ class Scheduler:
                 else:
                     owner.decode_updates += _records(metrics, i)
 
-    def _sync_rows(self) -> None:
-        """Rows move inside the batch (joins, leaves, commits that wait): follow them."""
-        self._decoding = list(self.batch.owners)
-        for row, r in enumerate(self._decoding):
-            r.row = row
-
     def _leave(self, r: _Running) -> None:
-        assert r.row is not None
-        if r.row >= self.batch.n_decoding:  # it waits to commit: commit first, with the others
+        # rows move inside the batch (joins, leaves, commits that wait): look it up
+        if self._decoding.index(r) >= self.batch.n_decoding:  # it waits to commit: commit first
             self._attach(self.batch.commit_waiting())
-        r.job.session.state = self.batch.leave(r.row)
-        self._sync_rows()
-        r.row = None
+        r.job.session.state = self.batch.leave(self._decoding.index(r))
 
     def _end(self, r: _Running, error: BaseException | None = None) -> None:
         if r.future.done():
@@ -351,7 +344,6 @@ class Scheduler:
             jobs = [*self._waiting, *self._prefill, *self._decoding]
             self._waiting.clear()
             self._prefill.clear()
-        self._decoding = []
         self.batch.clear()
         for r in jobs:
             self._end(r, error)
