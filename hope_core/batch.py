@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from hope_core.model import ChunkMetrics, HopeLM, Learning, State
+from hope_core.model import ChunkMetrics, HopeLM, Learning, State, adjacent_join
 
 log = logging.getLogger("hope.batch")
 
@@ -101,17 +101,33 @@ class DecodeBatch:
         return self.n - self.n_waiting
 
     def join(self, state: State, owner: object = None) -> int:
-        """Copy a batch-of-one state into a decoding row (after the decoding ones, before the
-        waiting ones: the first waiting row moves to the end); returns the row."""
-        if self.n == self.capacity:
-            self._alloc(self.capacity * 2)
+        """Copy a batch-of-one state into a decoding row; returns the row (see `join_many`)."""
+        return self.join_many(state, [owner])
+
+    def join_many(self, state: State, owners: Sequence[object]) -> int:
+        """Copy the k rows of `state` into k decoding rows, with one copy per buffer: after the
+        decoding rows, before the waiting ones (the waiting rows in the way move to the end).
+        `owners` has one entry per row. Returns the first row."""
+        k = state.batch_size
+        if len(owners) != k:
+            raise ValueError(f"{k} rows joining with {len(owners)} owners")
+        capacity = self.capacity
+        while self.n + k > capacity:
+            capacity *= 2
+        if capacity != self.capacity:
+            self._alloc(capacity)
         row = self.n_decoding
-        if self.n_waiting:
-            self._move(row, self.n)
+        for host in (self.open_counts, self.owners, self.learns, self.waits):
+            host.extend([None] * k)  # type: ignore[list-item]  # filled below
+        past = max(self.n, row + k)
+        for j in range(min(self.n_waiting, k)):
+            self._move(row + j, past + j)
+        src = state.tensors()
         for name, buf in self.slots.tensors().items():
-            buf[row].copy_(state.tensors()[name][0])
-        self._put(row, int(state.n_open[0]), owner, Learning(), 0)
-        self.n += 1
+            buf[row:row + k].copy_(src[name])
+        for j, (count, owner) in enumerate(zip(state.n_open.tolist(), owners)):
+            self._put(row + j, count, owner, Learning(), 0)
+        self.n += k
         return row
 
     def leave(self, row: int) -> State:
@@ -137,12 +153,7 @@ class DecodeBatch:
         self.open_counts, self.owners, self.learns, self.waits = [], [], [], []
 
     def _put(self, row: int, count: int, owner: object, learn: Learning, wait: int) -> None:
-        for host, value in ((self.open_counts, count), (self.owners, owner), (self.learns, learn),
-                            (self.waits, wait)):
-            if row == len(host):
-                host.append(value)
-            else:
-                host[row] = value
+        self.open_counts[row], self.owners[row], self.learns[row], self.waits[row] = count, owner, learn, wait
 
     def _move(self, src: int, dst: int) -> None:
         """Copy row src over row dst (dst may be the first free row)."""
@@ -318,12 +329,36 @@ class DecodeBatch:
         same step sit together): the commit reads the slot buffers as views, with no gather."""
         view = self.slots.map(lambda v: v[lo:hi])
         with torch.no_grad(), self._autocast():
-            done, metrics = self.model.close_chunk(view, learning)
+            done, metrics = self.model.close_chunk(view, learning, roll=False)
         mine = view.tensors()
         for name, t in done.tensors().items():
             if t.data_ptr() != mine[name].data_ptr():
                 mine[name].copy_(t)
+        self._roll(view)
         return metrics
+
+    def _roll(self, view: State) -> None:
+        """`HopeLM.roll` of rows of the slot buffers, in place: the open chunk becomes the newest
+        history. Each history buffer and the open one after it are one buffer (`_alloc`), so the
+        roll is a shift left by a chunk, and only of the slots that hold history: a young
+        session's window is mostly empty, and building a new window for every commit was the
+        largest allocation of a many-row commit."""
+        C = self.cfg.chunk
+        history = int(view.n_committed.max()) + C  # history slots after the roll, at most
+        for layer in view.layers:
+            for committed, open_ in JOINED:
+                W = layer[committed].shape[1]
+                keep = min(W, history)
+                joint = adjacent_join((layer[committed], layer[open_]), 1)
+                assert joint is not None, "the slot buffers are joint (_alloc)"
+                # chunk by chunk from the oldest, so no block is overwritten before it is read
+                for dst in range(W - keep, W, C):
+                    n = min(C, W - dst)
+                    joint[:, dst:dst + n].copy_(joint[:, dst + C:dst + C + n])
+                layer[open_].zero_()
+        view.n_committed.add_(C)
+        view.n_open.zero_()
+        view.open_tokens.zero_()
 
     def _commit_rows(self, k: int, learning: Learning) -> ChunkMetrics | None:
         idx = self.commit_rows[:k]

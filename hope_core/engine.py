@@ -214,7 +214,10 @@ class Engine:
         """`absorb(sessions[i], pieces[i])` for every i in one batched forward (batched prefill).
 
         The pieces have one length and none crosses a chunk boundary (each session's open
-        tokens plus its piece fit in one chunk); pieces that close a chunk are learned together."""
+        tokens plus its piece fit in one chunk); pieces that close a chunk are learned together.
+        Each session's new state is its row of the batch's result, a view: a batch of sessions
+        moves on (the next piece, the decode batch) without a copy per session, and
+        `State.compact` gives a session that is kept for long its own memory."""
         learning = _learning(learn)
         C = self.cfg.chunk
         T = len(pieces[0]) if pieces else 0
@@ -228,8 +231,8 @@ class Engine:
             raise ValueError("a piece crosses a chunk boundary")
         done, recs, lps = self._absorb_piece(batch, toks, learning, closes=bool((batch.n_open + T == C).any()))
         results = []
-        for i, session in enumerate(sessions):
-            session.state = done.select(torch.tensor([i], device=self.device))
+        for i, (session, row) in enumerate(zip(sessions, done.rows())):
+            session.state = row
             results.append(AbsorbResult(lps[i], recs.get(i, [])))
         return results
 

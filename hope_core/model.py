@@ -35,6 +35,7 @@ Choices made where HOPE.md leaves room (see docs/architecture.md for the longer 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 
 import torch
@@ -173,11 +174,26 @@ class State:
     def clone(self) -> State:
         return self.map(lambda v: v.clone())
 
+    def rows(self) -> list[State]:
+        """Each row as a batch of one, viewing this state's tensors (no copy)."""
+        return [self.map(lambda v, i=i: v[i:i + 1]) for i in range(self.batch_size)]
+
     @staticmethod
     def cat(states: list[State]) -> State:
+        """The states stacked. Consecutive rows of one state (`rows`) are stacked as views of it,
+        with no copy; only other states' tensors are copied."""
         flat = [s.tensors() for s in states]
-        return State.from_tensors({k: torch.cat([f[k] for f in flat]) for k in flat[0]},
-                                  len(states[0].layers))
+        out = {}
+        for k in flat[0]:
+            parts = [f[k] for f in flat]
+            joined = adjacent_join(parts, 0) if len(parts) > 1 else parts[0]
+            out[k] = torch.cat(parts) if joined is None else joined
+        return State.from_tensors(out, len(states[0].layers))
+
+    def compact(self) -> State:
+        """The state with its own memory: a tensor that views a larger one (a row of a batch) is
+        copied, so a session kept for long does not keep a whole batch alive."""
+        return self.map(lambda v: v.clone() if v.untyped_storage().nbytes() > v.nbytes else v)
 
     def scatter(self, rows: Tensor, sub: State) -> State:
         """A copy of self whose `rows` are replaced by `sub`."""
@@ -237,7 +253,7 @@ def append_open(committed: Tensor, open_buf: Tensor, slots: Tensor, new: Tensor,
         idx = slots.view(*slots.shape, *([1] * (new.dim() - 2))).expand_as(new)
         if inplace:
             open_buf.scatter_(1, idx, new.to(open_buf.dtype))
-            joined = _adjacent_join(committed, open_buf)
+            joined = adjacent_join((committed, open_buf), 1)
             if joined is not None:
                 return open_buf, joined
         else:
@@ -245,15 +261,20 @@ def append_open(committed: Tensor, open_buf: Tensor, slots: Tensor, new: Tensor,
     return open_buf, torch.cat([committed, open_buf], dim=1)
 
 
-def _adjacent_join(a: Tensor, b: Tensor) -> Tensor | None:
-    """a and b joined along dim 1 as a view, when b starts where a ends in the same storage."""
-    if (a.dtype != b.dtype or a.stride() != b.stride() or a.shape[0] != b.shape[0]
-            or a.shape[2:] != b.shape[2:]
-            or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
-            or b.storage_offset() != a.storage_offset() + a.shape[1] * a.stride(1)):
-        return None
-    size = (a.shape[0], a.shape[1] + b.shape[1], *a.shape[2:])
-    return a.as_strided(size, a.stride(), a.storage_offset())
+def adjacent_join(parts: Sequence[Tensor], dim: int) -> Tensor | None:
+    """The parts joined along `dim` as one view, when each starts where the one before it ends
+    in the same storage (row views of one tensor, a buffer split in two); otherwise None."""
+    first = parts[0]
+    ptr, step = first.untyped_storage().data_ptr(), first.stride(dim)
+    offset = first.storage_offset()
+    for part in parts:
+        if (part.dtype != first.dtype or part.stride() != first.stride()
+                or part.shape[:dim] != first.shape[:dim] or part.shape[dim + 1:] != first.shape[dim + 1:]
+                or part.untyped_storage().data_ptr() != ptr or part.storage_offset() != offset):
+            return None
+        offset += part.shape[dim] * step
+    size = (*first.shape[:dim], sum(p.shape[dim] for p in parts), *first.shape[dim + 1:])
+    return first.as_strided(size, first.stride(), first.storage_offset())
 
 
 def silu_grad(z: Tensor) -> Tensor:
@@ -665,14 +686,16 @@ class HopeLM(nn.Module):
                      torch.zeros_like(state.open_tokens), state.last_hidden, state.updates)
 
     def learn_chunk(self, tokens: Tensor, start: State, learning: Learning,
-                    training: bool = False) -> tuple[Tensor, State, ChunkMetrics]:
+                    training: bool = False, roll: bool = True) -> tuple[Tensor, State, ChunkMetrics]:
         """Compute one whole chunk from its chunk-start state and commit it, learning.
 
         tokens [B, chunk]; `start` has n_open == 0. Returns (hidden [B, chunk, d], the state after
         the commit, metrics). This one function serves chunked prefill, the commit after
         token-by-token decoding (a re-forward of the chunk) and pre-training. With `training`,
         the graph is kept so the outer loss backpropagates through the Titans writes (CMS writes
-        are stop-gradient); otherwise the result is detached.
+        are stop-gradient); otherwise the result is detached. With `roll=False` the chunk stays
+        open in the result (learned, its keys in the open buffers, n_open == chunk), for a caller
+        that rolls its own buffers in place (the decode batch).
         """
         B = tokens.shape[0]
         nan = torch.full((B,), float("nan"), device=tokens.device)
@@ -694,7 +717,7 @@ class HopeLM(nn.Module):
                       after.last_hidden, updates)
         if not training:
             hidden, after = hidden.detach(), after.detach()
-        return hidden, self.roll(after), metrics
+        return hidden, (self.roll(after) if roll else after), metrics
 
     def _write_titans(self, layers: list[dict[str, Tensor]], upds: list) -> tuple[Tensor, Tensor]:
         """Every layer's Titans write. Returns the surprise and the relative update per session,
@@ -717,15 +740,17 @@ class HopeLM(nn.Module):
                 layer[k] = part
         return surprise.view(L, B).mean(0), rel.view(L, B).mean(0)
 
-    def close_chunk(self, state: State, learning: Learning) -> tuple[State, ChunkMetrics | None]:
+    def close_chunk(self, state: State, learning: Learning, roll: bool = True
+                    ) -> tuple[State, ChunkMetrics | None]:
         """Commit the full open chunk of every row (n_open == chunk) after token-by-token
         decoding: re-forward it from its chunk-start state and learn, or with learning off only
         roll it. The decode step's `last_hidden` is kept, so a commit never changes what the next
-        token is sampled from. Returns the metrics (None when nothing learned)."""
+        token is sampled from. Returns the metrics (None when nothing learned). `roll`: as in
+        `learn_chunk`."""
         if not learning.any:
-            return self.roll(state), None
+            return (self.roll(state) if roll else state), None
         start = replace(state, n_open=torch.zeros_like(state.n_open))
-        _, done, metrics = self.learn_chunk(state.open_tokens, start, learning)
+        _, done, metrics = self.learn_chunk(state.open_tokens, start, learning, roll=roll)
         return replace(done, last_hidden=state.last_hidden), metrics
 
     def _track_cms(self, state: State) -> State:

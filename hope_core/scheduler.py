@@ -43,7 +43,7 @@ from hope_core.engine import (
     _learning,
     _records,
 )
-from hope_core.model import Learning
+from hope_core.model import Learning, State
 from hope_core.sampling import SamplingParams, pick_tokens
 from hope_core.state import SessionState
 
@@ -229,48 +229,44 @@ class Scheduler:
                 budget -= take
                 groups.setdefault((take, r.learning), []).append(r)
             for (take, learning), rs in groups.items():
-                if take == 0:  # an empty prompt: straight to decoding
-                    for r in rs:
-                        self._absorb(r, 0, None)
-                    continue
-                try:
-                    results = self.engine.absorb_batch([r.job.session for r in rs],
-                                                       [r.job.prompt[r.pos:r.pos + take] for r in rs], learning)
-                except Exception as e:
-                    for r in rs:
-                        self._prefill.remove(r)
-                        self._end(r, e)
-                    continue
-                for r, res in zip(rs, results):
-                    self._absorb(r, take, res)
+                results: list[AbsorbResult | None] = [None] * len(rs)
+                if take:  # (0: an empty prompt, straight to decoding)
+                    try:
+                        results = self.engine.absorb_batch([r.job.session for r in rs],
+                                                           [r.job.prompt[r.pos:r.pos + take] for r in rs], learning)
+                    except Exception as e:
+                        for r in rs:
+                            self._prefill.remove(r)
+                            self._end(r, e)
+                        continue
+                ready = [r for r, res in zip(rs, results) if self._absorb(r, take, res)]
+                if ready:
+                    # the group's rows are consecutive views of one state (`absorb_batch`): they
+                    # join the decode batch with one copy per buffer, not one per session
+                    self.batch.join_many(State.cat([r.job.session.state for r in ready]), ready)
                 done += take * len(rs)
         return done
 
     def _absorb(self, r: _Running, take: int, res: AbsorbResult | None) -> bool:
-        """Account for (or, without `res`, run) the absorption of the next `take` prompt tokens;
-        a job whose prompt is in leaves prefill. Returns whether the job is still healthy."""
-        prompt = r.job.prompt
+        """Account for the absorption of the next `take` prompt tokens; a job whose prompt is in
+        leaves prefill. Returns whether the job now joins the decode batch."""
+        if res is not None:
+            r.prompt_logprobs += res.logprobs
+            r.updates += res.updates
+        r.pos, r.open = r.pos + take, (r.open + take) % self.engine.cfg.chunk
+        if r.pos < len(r.job.prompt):
+            return False
+        self._prefill.remove(r)
         try:
-            if res is None and take:
-                res = self.engine.absorb(r.job.session, prompt[r.pos:r.pos + take], r.learning)
-            if res is not None:
-                r.prompt_logprobs += res.logprobs
-                r.updates += res.updates
-            r.pos, r.open = r.pos + take, (r.open + take) % self.engine.cfg.chunk
-            if r.pos < len(prompt):
-                return True
-            self._prefill.remove(r)
-            r.emit(PromptAbsorbed(list(prompt), r.prompt_logprobs))
+            r.emit(PromptAbsorbed(list(r.job.prompt), r.prompt_logprobs))
         except Exception as e:
-            if r in self._prefill:
-                self._prefill.remove(r)
             self._end(r, e)
             return False
         if r.job.params.max_tokens == 0:
+            r.job.session.state = r.job.session.state.compact()  # not a view of the prefill batch
             self._end(r)
-        else:
-            r.text = TextStream(self.engine.tokenizer, r.job.params)
-            self.batch.join(r.job.session.state, owner=r)
+            return False
+        r.text = TextStream(self.engine.tokenizer, r.job.params)
         return True
 
     def _decode_step(self) -> None:

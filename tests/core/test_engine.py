@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from hope_testkit import ATOL, assert_states_close, assert_states_equal, max_abs, random_tokens
 
 from hope_core.engine import Engine
+from hope_core.model import State
 from hope_core.sampling import SamplingParams
 from hope_core.state import SessionState
 
@@ -243,6 +244,41 @@ def test_absorb_rejects_out_of_vocabulary_tokens(engine, session):
         with pytest.raises((ValueError, OverflowError, RuntimeError)):
             engine.absorb(s, bad)
         assert_states_equal(s.state, session.state, what=f"after refusing {bad}")
+
+
+@pytest.mark.parametrize("less,short", [(-1, [0, 1, 2]), (1, [0, 1, 0]), (1, [0, 0, 0])])
+def test_absorb_batch_equals_absorbing_each_session_alone(engine, session, less, short):
+    """Batched prefill: each session ends where absorbing its own piece alone ends; the new
+    states are rows of one batch (views, no copy per session), which stack again for the next
+    piece without a copy, and `compact` gives a kept session memory of its own."""
+    C = engine.cfg.chunk
+    take = 1 if less < 0 else C - less  # one token, or most of a chunk
+    bases = []
+    for i in range(3):  # session i's piece ends `short[i]` tokens before its chunk closes
+        s = session.copy()
+        engine.absorb(s, random_tokens((C - take - short[i] - int(s.state.n_open[0])) % C, 40 + i))
+        bases.append(s)
+    pieces = [random_tokens(take, 50 + i) for i in range(3)]
+    batched = [b.copy() for b in bases]
+    results = engine.absorb_batch(batched, pieces)
+    for base, got, piece, res in zip(bases, batched, pieces, results):
+        ref = base.copy()
+        expect = engine.absorb(ref, piece)
+        assert_states_close(got.state, ref.state, what="batched against alone")
+        assert max(abs(a - b) for a, b in zip(res.logprobs, expect.logprobs)) <= ATOL
+        assert len(res.updates) == len(expect.updates)
+    assert len(results[0].updates) > 0  # a chunk closed and was learned inside the batch
+    rows = [s.state for s in batched]
+    stacked = State.cat(rows)
+    for name, t in stacked.tensors().items():
+        assert t.data_ptr() == rows[0].tensors()[name].data_ptr(), f"{name} was copied"
+        torch.testing.assert_close(t, torch.cat([r.tensors()[name] for r in rows]), rtol=0, atol=0)
+    reordered = State.cat([rows[1], rows[0]])  # not consecutive rows: a copy
+    assert reordered.n_open.data_ptr() != rows[0].n_open.data_ptr()
+    own = rows[1].compact()
+    assert_states_equal(own, rows[1])
+    for name, t in own.tensors().items():
+        assert t.untyped_storage().nbytes() == t.nbytes, f"{name} still views the batch"
 
 
 def test_update_records_match_the_counters(engine, session, prompt):

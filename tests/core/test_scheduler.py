@@ -12,7 +12,7 @@ from hope_testkit import ATOL
 
 from hope_core.batch import DecodeBatch
 from hope_core.engine import Engine, PromptAbsorbed, TokenEvent
-from hope_core.model import Learning
+from hope_core.model import Learning, State
 from hope_core.sampling import SamplingParams, sample, sample_rows
 from hope_core.scheduler import Job, Scheduler
 
@@ -224,15 +224,18 @@ def test_padded_steps_compute_the_same_as_exact_ones(engine):
         assert_same_state(a, b)
 
 
-@pytest.mark.parametrize("phases", [[3, 3, 3, 3], [0, 5, 0, 9], [15, 2, 15, 15]])
-def test_decode_batch_steps_equal_the_functional_batched_step(engine, phases):
+@pytest.mark.parametrize("phases,old", [([3, 3, 3, 3], 0), ([0, 5, 0, 9], 0), ([15, 2, 15, 15], 0),
+                                        ([1, 1, 2, 1], 2)])
+def test_decode_batch_steps_equal_the_functional_batched_step(engine, phases, old):
     """The decode batch writes its slot buffers in place (the window and the open chunk joined
-    as one view) and commits consecutive rows through views, other rows through a gather: every
-    way ends where `Engine.decode_batch`, which copies everything, ends."""
+    as one view), commits consecutive rows through views and rolls their windows in place,
+    other rows through a gather: every way ends where `Engine.decode_batch`, which copies
+    everything, ends. The first `old` sessions have a full window, the others are young."""
     sessions, C = [], engine.cfg.chunk
     for i, phase in enumerate(phases):
         s, n_open = engine.new_session(), phase % C
-        engine.absorb(s, [(7 * i + j) % 4000 + 5 for j in range(C + n_open - int(s.state.n_open[0]))])
+        history = C + (engine.cfg.window if i < old else 0)
+        engine.absorb(s, [(7 * i + j) % 4000 + 5 for j in range(history + n_open - int(s.state.n_open[0]))])
         assert int(s.state.n_open[0]) == n_open
         sessions.append(s)
     batch = DecodeBatch(engine.model, engine.new_session().state, capacity=len(phases))
@@ -311,6 +314,36 @@ def test_a_waiting_row_leaves_only_after_its_commit_and_joins_go_before_waiting_
     left = batch.leave(0)
     assert int(left.n_committed[0]) == int(fresh.state.n_committed[0])
     assert batch.owners == ["full", "new"]  # the last decoding row took the hole
+
+
+def test_several_rows_join_at_once_before_the_waiting_rows(engine):
+    """A prefill group joins the decode batch in one copy per buffer: the rows land after the
+    decoding rows, the waiting rows move out of their way, and every row holds its session."""
+    C = engine.cfg.chunk
+    states = []
+    for i in range(5):
+        s = engine.new_session()
+        engine.absorb(s, [(5 * i + j) % 4000 + 5 for j in range(C - 1 - int(s.state.n_open[0]) + (i % 2))])
+        states.append(s.state)
+    batch = DecodeBatch(engine.model, engine.new_session().state, capacity=2, commit_wait=4)
+    for i in range(2):
+        batch.join(states[i], owner=i)  # session 0 is one token short of a full chunk
+    batch.step([7, 8], [Learning(), Learning()])
+    assert batch.owners == [1, 0] and batch.n_waiting == 1
+    waiting = batch.row_state(1)
+    group = State.cat(states[2:])
+    assert batch.join_many(group, [2, 3, 4]) == 1  # grows past its capacity
+    assert batch.owners == [1, 2, 3, 4, 0] and batch.n_decoding == 4 and batch.n_waiting == 1
+    expect = [None, states[2], states[3], states[4], waiting]
+    for row, st in enumerate(expect):
+        if st is None:
+            continue
+        got = batch.row_state(row)
+        for name, t in st.tensors().items():
+            torch.testing.assert_close(got.tensors()[name], t, rtol=0, atol=0, msg=f"row {row}: {name}")
+    assert batch.open_counts[1:] == [int(st.n_open[0]) % C for st in expect[1:]]
+    with pytest.raises(ValueError):
+        batch.join_many(group, [5, 6])
 
 
 def test_turn_close_tokens_go_through_the_batched_step(engine):
