@@ -344,11 +344,13 @@ class DecodeBatch:
         session's window is mostly empty, and building a new window for every commit was the
         largest allocation of a many-row commit."""
         C = self.cfg.chunk
-        history = int(view.n_committed.max()) + C  # history slots after the roll, at most
+        # history slots after the roll, at most (on CUDA the whole window: reading the counters
+        # would wait on the device)
+        history = None if view.n_committed.is_cuda else int(view.n_committed.max()) + C
         for layer in view.layers:
             for committed, open_ in JOINED:
                 W = layer[committed].shape[1]
-                keep = min(W, history)
+                keep = W if history is None else min(W, history)
                 joint = adjacent_join((layer[committed], layer[open_]), 1)
                 assert joint is not None, "the slot buffers are joint (_alloc)"
                 # chunk by chunk from the oldest, so no block is overwritten before it is read
