@@ -14,6 +14,7 @@ never unpickles.
 from __future__ import annotations
 
 import json
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -96,17 +97,17 @@ class SessionState:
             version = int(meta.get("version", ""))
         except ValueError:
             raise StateError("state version is not an integer") from None
-        expected = {k: v[0] for k, v in model.init_state(1).tensors().items()}
+        expected = _layout(model)
         missing, extra = expected.keys() - tensors.keys(), tensors.keys() - expected.keys()
         if missing or extra:
             raise StateError(f"state tensors do not match this model: missing {sorted(missing)[:5]}, "
                              f"unexpected {sorted(extra)[:5]}")
         out = {}
-        for name, ref in expected.items():
+        for name, (shape, ref_dtype) in expected.items():
             t = tensors[name]
-            if t.shape != ref.shape:
-                raise StateError(f"{name}: shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
-            want = STORAGE_DTYPES[dtype] if ref.is_floating_point() else ref.dtype
+            if t.shape != shape:
+                raise StateError(f"{name}: shape {tuple(t.shape)}, expected {tuple(shape)}")
+            want = STORAGE_DTYPES[dtype] if ref_dtype.is_floating_point else ref_dtype
             if t.dtype != want:
                 raise StateError(f"{name}: dtype {t.dtype}, expected {want}")
             if t.is_floating_point():
@@ -136,6 +137,18 @@ def to_device(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[st
             out[k].copy_(v.pin_memory(), non_blocking=True)
     side.synchronize()
     return out
+
+
+_LAYOUTS: weakref.WeakKeyDictionary[HopeLM, dict[str, tuple[torch.Size, torch.dtype]]] = (
+    weakref.WeakKeyDictionary())
+
+
+def _layout(model: HopeLM) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    """Each state tensor's shape (without the batch) and dtype for `model`, made once: a load
+    should not build a whole fresh state to learn them."""
+    if model not in _LAYOUTS:
+        _LAYOUTS[model] = {k: (v.shape[1:], v.dtype) for k, v in model.init_state(1).tensors().items()}
+    return _LAYOUTS[model]
 
 
 def _read_metadata(blob: bytes) -> dict[str, str]:
