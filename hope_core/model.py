@@ -238,21 +238,26 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
 
 
-def append_open(committed: Tensor, open_buf: Tensor, slots: Tensor, new: Tensor,
+def append_open(committed: Tensor, open_buf: Tensor, pos: Positions, new: Tensor,
                 inplace: bool = False) -> tuple[Tensor, Tensor]:
-    """Write new [B, T, ...] into the open chunk's buffer at slots [B, T].
+    """Write new [B, T, ...] into the open chunk's buffer at the slots `pos.slots` [B, T].
 
     Returns (new open buffer, committed history followed by it). A whole chunk (prefill,
     commit, training) needs no scatter: it is the open buffer. With `inplace` (the decode batch's
     own slot buffers) the open buffer is written where it lies, and when it directly follows the
     committed history in memory, the two are joined as a view instead of a copy.
     """
-    if new.shape[1] == open_buf.shape[1]:
+    T = new.shape[1]
+    if T == open_buf.shape[1]:
         open_buf = new.to(open_buf.dtype)
     else:
+        slots = pos.slots
         idx = slots.view(*slots.shape, *([1] * (new.dim() - 2))).expand_as(new)
         if inplace:
-            open_buf.scatter_(1, idx, new.to(open_buf.dtype))
+            if pos.first is not None:  # every row writes the same slots: a plain copy
+                open_buf[:, pos.first:pos.first + T] = new
+            else:
+                open_buf.scatter_(1, idx, new.to(open_buf.dtype))
             joined = adjacent_join((committed, open_buf), 1)
             if joined is not None:
                 return open_buf, joined
@@ -302,9 +307,11 @@ class Positions:
     sin: Tensor
     mask: Tensor  # [B, 1, T, used + chunk] which keys each query sees
     used: int  # the newest `used` slots of the committed window are attended (the rest are empty)
+    first: int | None = None  # the first token's slot when it is every row's (rows in phase)
 
     @classmethod
-    def of(cls, cfg: HopeConfig, n_committed: Tensor, slots: Tensor, used: int | None = None) -> Positions:
+    def of(cls, cfg: HopeConfig, n_committed: Tensor, slots: Tensor, used: int | None = None,
+           first: int | None = None) -> Positions:
         used = cfg.window if used is None else used
         q_pos = n_committed[:, None] + slots  # [B, T] absolute positions
         cos, sin = rope_tables(q_pos, cfg.head_dim, cfg.rope_base)
@@ -314,7 +321,7 @@ class Positions:
         rel = q_pos[:, :, None] - k_pos[:, None, :]  # [B, T, S]
         # slots after a query's own hold later (or stale) tokens: rel < 0 masks them
         mask = (rel >= 0) & (rel < cfg.window) & (k_pos[:, None, :] >= 0)
-        return cls(slots, cos, sin, mask[:, None], used)
+        return cls(slots, cos, sin, mask[:, None], used, first)
 
 
 class SlidingWindowAttention(nn.Module):
@@ -332,8 +339,8 @@ class SlidingWindowAttention(nn.Module):
         qkv = self.qkv(x).view(B, T, 3, H, dh)
         q, k = rope(qkv[:, :, :2], pos.cos, pos.sin).unbind(2)
         first = cfg.window - pos.used
-        open_k, kbuf = append_open(layer["attn_k"][:, first:], layer["open_k"], pos.slots, k, inplace)
-        open_v, vbuf = append_open(layer["attn_v"][:, first:], layer["open_v"], pos.slots, qkv[:, :, 2],
+        open_k, kbuf = append_open(layer["attn_k"][:, first:], layer["open_k"], pos, k, inplace)
+        open_v, vbuf = append_open(layer["attn_v"][:, first:], layer["open_v"], pos, qkv[:, :, 2],
                                    inplace)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), kbuf.to(q.dtype).transpose(1, 2), vbuf.to(q.dtype).transpose(1, 2),
@@ -393,7 +400,7 @@ class TitansMemory(nn.Module):
             "open_conv": torch.zeros(batch, C, 3 * d, device=a0.device),
         }
 
-    def forward(self, x: Tensor, layer: dict[str, Tensor], slots: Tensor, want_update: bool,
+    def forward(self, x: Tensor, layer: dict[str, Tensor], pos: Positions, want_update: bool,
                 inplace: bool = False):
         """Read the chunk-start memory. Returns (read [B, T, d], new open buffers, update inputs)."""
         cfg = self.cfg
@@ -401,10 +408,13 @@ class TitansMemory(nn.Module):
         H, dh = cfg.n_heads, cfg.head_dim
         cw = cfg.conv_width - 1 + cfg.key_shift  # inputs before the first token that a conv reads
         proj = self.qkv(x)
-        open_conv, seq = append_open(layer["conv_tail"], layer["open_conv"], slots, proj, inplace)
+        open_conv, seq = append_open(layer["conv_tail"], layer["open_conv"], pos, proj, inplace)
         if T != seq.shape[1] - cw:  # the tokens' rows and the cw before the first
-            rows = slots[:, :1] + torch.arange(T + cw, device=x.device)
-            seq = torch.gather(seq, 1, rows[..., None].expand(B, T + cw, 3 * d))
+            if pos.first is not None:
+                seq = seq[:, pos.first:pos.first + T + cw]
+            else:
+                rows = pos.slots[:, :1] + torch.arange(T + cw, device=x.device)
+                seq = torch.gather(seq, 1, rows[..., None].expand(B, T + cw, 3 * d))
         # the depthwise causal convolution as a weighted sum of shifted inputs: a few fused
         # element-wise ops, where a library convolution costs more in setup than in arithmetic
         kernel = self.conv * self.conv_mask  # [3d, span]
@@ -566,7 +576,7 @@ class HopeBlock(nn.Module):
                 inplace: bool = False):
         xn = self.norm(x)
         a, open_kv = self.attn(xn, layer, pos, inplace)
-        m, open_conv, upd = self.titans(xn, layer, pos.slots, want_update, inplace)
+        m, open_conv, upd = self.titans(xn, layer, pos, want_update, inplace)
         g = torch.sigmoid(self.gate(xn))
         x = x + self.out(g * a + (1 - g) * m)
         x = x + self.slow_down(F.silu(self.slow_up(self.slow_norm(x))))
@@ -651,9 +661,13 @@ class HopeLM(nn.Module):
         T = tokens.shape[1]
         offs = torch.arange(T, device=tokens.device)
         slots_open = state.n_open[:, None] + offs  # [B, T] slot inside the open chunk
-        if window_used is None and not tokens.is_cuda:
-            window_used = min(self.cfg.window, int(state.n_committed.max()))
-        pos = Positions.of(self.cfg, state.n_committed, slots_open, window_used)
+        first = None
+        if not tokens.is_cuda:  # reading the counters on CUDA would wait on the device
+            if window_used is None:
+                window_used = min(self.cfg.window, int(state.n_committed.max()))
+            lo, hi = state.n_open.aminmax()
+            first = int(lo) if int(lo) == int(hi) else None
+        pos = Positions.of(self.cfg, state.n_committed, slots_open, window_used, first)
         x = self.embed(tokens)
         new_layers, upds = [], []
         for blk, layer in zip(self.blocks, state.layers):
