@@ -118,6 +118,10 @@ LEVELS = ("titans", "fast", "mid")
 # (measured on 2 CPU cores: 1.7 ms saved of a 28 ms commit of one session, 3 ms lost of 125 ms
 # for sixteen)
 STACK_TITANS_ROWS = 4
+# up to this many tokens in a forward, the Titans convolution is one product over all windows
+# of inputs and a sum (fewest ops: a decode step, one session's commit); beyond, tap by tap
+# (a 16-session commit's product was 4 MB per layer)
+UNFOLD_CONV_TOKENS = 32
 CMS_WEIGHTS = ("fast_up", "fast_down", "mid_up", "mid_down")  # the session CMS tensors
 
 
@@ -417,8 +421,13 @@ class TitansMemory(nn.Module):
                 seq = torch.gather(seq, 1, rows[..., None].expand(B, T + cw, 3 * d))
         # the depthwise causal convolution as a weighted sum of shifted inputs: a few fused
         # element-wise ops, where a library convolution costs more in setup than in arithmetic
-        kernel = self.conv * self.conv_mask  # [3d, span]
-        mixed = (seq.unfold(1, cw + 1, 1) * kernel.to(seq.dtype)).sum(-1)  # [B, T, 3d]
+        kernel = (self.conv * self.conv_mask).to(seq.dtype)  # [3d, span]
+        if B * T <= UNFOLD_CONV_TOKENS:  # two ops over all windows of inputs
+            mixed = (seq.unfold(1, cw + 1, 1) * kernel).sum(-1)  # [B, T, 3d]
+        else:  # tap by tap: more ops, but no [B, T, 3d, span] product in memory
+            mixed = seq[:, :T] * kernel[:, 0]
+            for tap in range(1, cw + 1):
+                mixed = torch.addcmul(mixed, seq[:, tap:tap + T], kernel[:, tap])
         q, k, v = mixed.view(B, T, 3, H, dh).unbind(2)
         q = F.normalize(q, dim=-1)
         a, b = layer["mem_a"], layer["mem_b"]
@@ -500,19 +509,28 @@ def titans_write(layer: dict[str, Tensor], upd, beta: Tensor, cap: float
     # base - sum_j c_j u_j^T d_j, the chunk's weighted gradient taken off in the matmul
     # itself: the state's memories are the largest tensors a commit touches, and every pass
     # saved over them is a pass over memory
+    # `base` is a fresh tensor of this function's own, so the product is added in place (no
+    # copy of it first; autograd allows it, nothing's backward needs base's value)
     def minus_weighted(base: Tensor, c: Tensor, u: Tensor, d: Tensor) -> Tensor:
         lead = base.shape[:-2]
         u = u.expand(*lead, *u.shape[-2:]).flatten(0, -3)  # [BHN, T, x]
         d = (d * c[:, :, None, :, None]).flatten(0, -3)  # [BHN, T, y]
-        return torch.baddbmm(base.flatten(0, -3), u.transpose(-1, -2), d, alpha=-1).view(base.shape)
+        return base.flatten(0, -3).baddbmm_(u.transpose(-1, -2), d, alpha=-1).view(base.shape)
+
+    def capped(m: Tensor) -> Tensor:
+        norm = m.norm(dim=(-2, -1), keepdim=True)
+        # serving on the CPU knows for free whether any memory is over the cap (on CUDA it would
+        # wait on the device); when none is, the scale is exactly 1 and its pass is skipped
+        if not torch.is_grad_enabled() and not m.is_cuda and bool((norm <= cap).all()):
+            return m
+        return m * (cap / norm.clamp_min(cap))
 
     new_a = minus_weighted(torch.addcmul(keep * a, mom_into_mem, sa), c_mem, ku, d_z)
     new_b = minus_weighted(torch.addcmul(keep * b, mom_into_mem, sb), c_mem, h, d_out)
     beta_T = (beta ** T)[..., None, None]  # [B, 1, 1, 1, 1]
     new_sa = minus_weighted(sa * beta_T, c_mom, ku, d_z)
     new_sb = minus_weighted(sb * beta_T, c_mom, h, d_out)
-    new_a = new_a * (cap / new_a.norm(dim=(-2, -1), keepdim=True).clamp_min(cap))
-    new_b = new_b * (cap / new_b.norm(dim=(-2, -1), keepdim=True).clamp_min(cap))
+    new_a, new_b = capped(new_a), capped(new_b)
     delta = (((new_a[:, :, 0] - a[:, :, 0]) ** 2).sum((1, 2, 3))
              + ((new_b[:, :, 0] - b[:, :, 0]) ** 2).sum((1, 2, 3)))
     norm = (a[:, :, 0] ** 2).sum((1, 2, 3)) + (b[:, :, 0] ** 2).sum((1, 2, 3))

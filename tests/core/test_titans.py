@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from hope_testkit import make_model
 
+import hope_core.model as model_module
 from hope_core.model import HopeConfig, Learning, TitansMemory
 
 SMALL = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=2, window=8, chunk=4, mid_period=8,
@@ -317,3 +318,27 @@ def test_layers_stacked_in_one_write_equal_one_write_per_layer(self_modifying):
             torch.testing.assert_close(layer[key], t, rtol=0, atol=1e-12)
     torch.testing.assert_close(surprise, torch.stack([s for _, s, _ in separate]).mean(0), rtol=0, atol=1e-12)
     torch.testing.assert_close(rel, torch.stack([r for _, _, r in separate]).mean(0), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("self_modifying", [True, False])
+def test_the_convolution_tap_by_tap_equals_the_product_over_windows(self_modifying, monkeypatch):
+    """Many tokens in one forward convolve tap by tap (UNFOLD_CONV_TOKENS): the same reads, update
+    inputs and gradients as the product over all windows of inputs."""
+    model = make_model(HopeConfig(**(SMALL | {"self_modifying": self_modifying})), seed=3)
+    cfg = model.cfg
+    tokens = torch.randint(5, cfg.vocab_size, (5, cfg.chunk), generator=torch.Generator().manual_seed(4))
+
+    def run(limit: int):
+        monkeypatch.setattr(model_module, "UNFOLD_CONV_TOKENS", limit)
+        model.zero_grad()
+        hidden, _, upds = model.forward_open(tokens, model.init_state(5, training=True), want_update=True)
+        hidden.square().sum().backward()
+        return hidden.detach(), [u.detach() for u in upds[0]], model.blocks[0].titans.conv.grad.clone()
+
+    product, taps = run(tokens.numel()), run(0)
+    for a, b in zip(product, taps):
+        if isinstance(a, list):
+            for x, y in zip(a, b):
+                torch.testing.assert_close(x, y, rtol=0, atol=1e-5)
+        else:
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
