@@ -88,6 +88,19 @@ def test_prompt_logprobs_and_scoring_only_jobs(engine):
     assert_same_state(session, ref_session)
 
 
+def test_sessions_leave_the_scheduler_with_memory_of_their_own(engine):
+    """Prefill hands its rows on as views of one batch; every session a job gives back (scoring
+    only, or generating) holds tensors of its own, so a kept session never pins a batch."""
+    sched = Scheduler(engine)
+    sessions = [engine.new_session() for _ in range(4)]
+    futures = [sched.submit(Job(s, list(range(200, 230)), SamplingParams(max_tokens=n, seed=i)))
+               for i, (s, n) in enumerate(zip(sessions, [0, 0, 3, 5]))]
+    run_to_end(sched, futures)
+    for i, s in enumerate(sessions):
+        for name, t in s.state.tensors().items():
+            assert t.untyped_storage().nbytes() == t.nbytes, f"session {i}: {name} views a larger tensor"
+
+
 def test_close_turn_is_absorbed_after_a_reply_cut_by_max_tokens(engine):
     prompt, params = [300, 301, 302], SamplingParams(max_tokens=5, seed=3)
     session = engine.new_session()
