@@ -448,16 +448,17 @@ class TitansMemory(nn.Module):
         H, dh = cfg.n_heads, cfg.head_dim
         ea = self.eta_alpha_in(x)
         if cfg.self_modifying:
-            k = memory_apply(k, a[:, :, 1:2], b[:, :, 1:2])[:, :, 0]  # [B, H, T, dh]
-            v = memory_apply(v, a[:, :, 2:3], b[:, :, 2:3])[:, :, 0]
             e_in, a_in = ea.view(B, T, 2, H, dh).unbind(2)
-            e_out = memory_apply(e_in, a[:, :, 3:4], b[:, :, 3:4])[:, :, 0]
-            a_out = memory_apply(a_in, a[:, :, 4:5], b[:, :, 4:5])[:, :, 0]
+            # memories 1-4 read keys, values, eta and alpha inputs in one batched call; one
+            # contiguous copy of their weights serves it and the targets below
+            rest_a, rest_b = a[:, :, 1:].contiguous(), b[:, :, 1:].contiguous()  # [B, H, 4, ., .]
+            inputs = torch.stack([k, v, e_in, a_in], dim=3).permute(0, 2, 3, 1, 4)  # [B, H, 4, T, dh]
+            k, v, e_out, a_out = memory_apply(inputs, rest_a, rest_b).unbind(2)  # each [B, H, T, dh]
             eta_logit = (e_out * self.eta_read[None, :, None]).sum(-1)  # [B, H, T]
             alpha_logit = (a_out * self.alpha_read[None, :, None]).sum(-1)
             # each memory's own target: what it predicts for the value, gradient stopped
             v = v[:, :, None]  # [B, H, 1, T, dh]
-            targets = torch.cat([v, memory_apply(v, a[:, :, 1:], b[:, :, 1:]).detach()], dim=2)
+            targets = torch.cat([v, memory_apply(v, rest_a, rest_b).detach()], dim=2)
         else:
             k, v = k.transpose(1, 2), v.transpose(1, 2)
             eta_logit, alpha_logit = ea.view(B, T, 2, H).permute(2, 0, 3, 1)
