@@ -479,7 +479,17 @@ def titans_write(layer: dict[str, Tensor], upd, beta: Tensor, cap: float
                  ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
     """One chunk's Titans write of B rows, each with its momentum beta [B] (rows may be sessions,
     or the same sessions' layers stacked). Returns (new memory tensors, surprise [B], relative
-    update [B])."""
+    update [B]).
+
+    The write runs in the memories' precision (float32) also under autocast: a chunk's update is
+    small against the memory it changes and would round away in bfloat16."""
+    dtype = layer["mem_a"].dtype
+    with torch.autocast(layer["mem_a"].device.type, enabled=False):
+        return _titans_write(layer, tuple(t.to(dtype) for t in upd), beta.to(dtype), cap)
+
+
+def _titans_write(layer: dict[str, Tensor], upd, beta: Tensor, cap: float
+                  ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
     k, targets, eta, alpha = upd  # [B,H,T,dh], [B,H,N,T,dh], [B,H,T], [B,H,T]
     a, b, sa, sb = layer["mem_a"], layer["mem_b"], layer["mom_a"], layer["mom_b"]
     T = k.shape[2]

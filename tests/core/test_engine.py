@@ -324,3 +324,38 @@ def test_new_sessions_start_with_bos(engine):
     ref = SessionState(engine.model.init_state(1), engine.fingerprint)
     engine.absorb(ref, [engine.tokenizer.bos_id])
     assert max_abs(engine.next_logits(s), engine.next_logits(ref)) == 0
+
+
+def test_bf16_slow_weights_keep_the_session_memories_float32(engine_dir, engine):
+    """With bfloat16 slow weights (autocast, the CUDA default) the session's memories stay
+    float32 through commits, on the engine's own path and through the scheduler's decode batch,
+    and they learn what the float32 engine learns, up to bfloat16's rounding of the activations."""
+    from hope_core.checkpoint import load_checkpoint
+    from hope_core.scheduler import Job, Scheduler
+
+    fast = Engine(load_checkpoint(engine_dir), bf16=True)
+    ref = fast.model.init_state(1).tensors()
+    tokens = random_tokens(6 * engine.cfg.chunk + 1, 77)
+    half, full = fast.new_session(), engine.new_session()
+    fast.absorb(half, tokens)
+    engine.absorb(full, tokens)
+    sched = Scheduler(fast, max_batch=4)
+    sessions = [fast.new_session() for _ in range(3)]
+    futures = [sched.submit(Job(s, tokens[:5 + i], SamplingParams(max_tokens=3 * engine.cfg.chunk, seed=i)))
+               for i, s in enumerate(sessions)]
+    while not all(f.done() for f in futures):
+        sched.step()
+    for what, s in [("engine", half)] + [(f"scheduler {i}", s) for i, s in enumerate(sessions)]:
+        assert s.updates["titans"] >= 3, what
+        for name, t in s.state.tensors().items():
+            if not name.endswith("last_hidden"):  # an activation: the forward's precision
+                assert t.dtype == ref[name].dtype, f"{what}: {name} is {t.dtype}"
+    # what each learned, from its own start (the bfloat16 engine's initial memories are its
+    # parameters' bfloat16 values)
+    start_half, start_full = fast.model.init_state(1), engine.model.init_state(1)
+    for i, (layer_half, layer_full) in enumerate(zip(half.state.layers, full.state.layers)):
+        for key in ("mem_a", "mem_b", "mom_a", "fast_up", "mid_up"):
+            learned_full = layer_full[key] - start_full.layers[i][key]
+            learned_half = layer_half[key] - start_half.layers[i][key]
+            assert learned_full.norm() > 0, key
+            assert (learned_half - learned_full).norm() <= 0.1 * learned_full.norm(), f"layer {i}: {key}"
