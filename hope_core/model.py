@@ -258,8 +258,8 @@ def append_open(committed: Tensor, open_buf: Tensor, pos: Positions, new: Tensor
         slots = pos.slots
         idx = slots.view(*slots.shape, *([1] * (new.dim() - 2))).expand_as(new)
         if inplace:
-            if pos.first is not None:  # every row writes the same slots: a plain copy
-                open_buf[:, pos.first:pos.first + T] = new
+            if pos.open_slot is not None:  # every row writes the same slots: a plain copy
+                open_buf[:, pos.open_slot:pos.open_slot + T] = new
             else:
                 open_buf.scatter_(1, idx, new.to(open_buf.dtype))
             joined = adjacent_join((committed, open_buf), 1)
@@ -311,11 +311,11 @@ class Positions:
     sin: Tensor
     mask: Tensor  # [B, 1, T, used + chunk] which keys each query sees
     used: int  # the newest `used` slots of the committed window are attended (the rest are empty)
-    first: int | None = None  # the first token's slot when it is every row's (rows in phase)
+    open_slot: int | None = None  # the first token's open slot when it is every row's (rows in phase)
 
     @classmethod
     def of(cls, cfg: HopeConfig, n_committed: Tensor, slots: Tensor, used: int | None = None,
-           first: int | None = None) -> Positions:
+           open_slot: int | None = None) -> Positions:
         used = cfg.window if used is None else used
         q_pos = n_committed[:, None] + slots  # [B, T] absolute positions
         cos, sin = rope_tables(q_pos, cfg.head_dim, cfg.rope_base)
@@ -325,7 +325,7 @@ class Positions:
         rel = q_pos[:, :, None] - k_pos[:, None, :]  # [B, T, S]
         # slots after a query's own hold later (or stale) tokens: rel < 0 masks them
         mask = (rel >= 0) & (rel < cfg.window) & (k_pos[:, None, :] >= 0)
-        return cls(slots, cos, sin, mask[:, None], used, first)
+        return cls(slots, cos, sin, mask[:, None], used, open_slot)
 
 
 class SlidingWindowAttention(nn.Module):
@@ -414,8 +414,8 @@ class TitansMemory(nn.Module):
         proj = self.qkv(x)
         open_conv, seq = append_open(layer["conv_tail"], layer["open_conv"], pos, proj, inplace)
         if T != seq.shape[1] - cw:  # the tokens' rows and the cw before the first
-            if pos.first is not None:
-                seq = seq[:, pos.first:pos.first + T + cw]
+            if pos.open_slot is not None:
+                seq = seq[:, pos.open_slot:pos.open_slot + T + cw]
             else:
                 rows = pos.slots[:, :1] + torch.arange(T + cw, device=x.device)
                 seq = torch.gather(seq, 1, rows[..., None].expand(B, T + cw, 3 * d))
@@ -690,13 +690,13 @@ class HopeLM(nn.Module):
         T = tokens.shape[1]
         offs = torch.arange(T, device=tokens.device)
         slots_open = state.n_open[:, None] + offs  # [B, T] slot inside the open chunk
-        first = None
+        open_slot = None
         if not tokens.is_cuda:  # reading the counters on CUDA would wait on the device
             if window_used is None:
                 window_used = min(self.cfg.window, int(state.n_committed.max()))
             lo, hi = state.n_open.aminmax()
-            first = int(lo) if int(lo) == int(hi) else None
-        pos = Positions.of(self.cfg, state.n_committed, slots_open, window_used, first)
+            open_slot = int(lo) if int(lo) == int(hi) else None
+        pos = Positions.of(self.cfg, state.n_committed, slots_open, window_used, open_slot)
         x = self.embed(tokens)
         new_layers, upds = [], []
         for blk, layer in zip(self.blocks, state.layers):
