@@ -302,11 +302,12 @@ class DecodeBatch:
         """Close the full open chunk of `rows`: re-forward it and learn (or only roll it).
         Returns the commit's metrics (on the CPU, one row per entry of `rows`)."""
         k = min(_bucket(len(rows)), self.capacity) if self.pad else len(rows)
-        # padded with repeats of the last row: they compute and write the same values twice
-        self.commit_rows[:k] = torch.tensor(rows + rows[-1:] * (k - len(rows))).to(self.commit_rows.device)
         if not self.graphs and rows == list(range(rows[0], rows[0] + k)):
             metrics = self._commit_span(rows[0], rows[0] + k, learning)
-        elif not self.graphs:
+            return None if metrics is None else _to_cpu(metrics, len(rows))
+        # padded with repeats of the last row: they compute and write the same values twice
+        self.commit_rows[:k] = torch.tensor(rows + rows[-1:] * (k - len(rows))).to(self.commit_rows.device)
+        if not self.graphs:
             metrics = self._commit_rows(k, learning)
         elif (k, learning) in self._commit_graphs:
             graph, metrics = self._commit_graphs[(k, learning)]

@@ -254,19 +254,18 @@ def append_open(committed: Tensor, open_buf: Tensor, pos: Positions, new: Tensor
     T = new.shape[1]
     if T == open_buf.shape[1]:
         open_buf = new.to(open_buf.dtype)
+    elif inplace and pos.open_slot is not None:  # every row writes the same slots: a plain copy
+        open_buf[:, pos.open_slot:pos.open_slot + T] = new
     else:
-        slots = pos.slots
-        idx = slots.view(*slots.shape, *([1] * (new.dim() - 2))).expand_as(new)
+        idx = pos.slots.view(*pos.slots.shape, *([1] * (new.dim() - 2))).expand_as(new)
         if inplace:
-            if pos.open_slot is not None:  # every row writes the same slots: a plain copy
-                open_buf[:, pos.open_slot:pos.open_slot + T] = new
-            else:
-                open_buf.scatter_(1, idx, new.to(open_buf.dtype))
-            joined = adjacent_join((committed, open_buf), 1)
-            if joined is not None:
-                return open_buf, joined
+            open_buf.scatter_(1, idx, new.to(open_buf.dtype))
         else:
             open_buf = open_buf.scatter(1, idx, new.to(open_buf.dtype))
+    if inplace:
+        joined = adjacent_join((committed, open_buf), 1)
+        if joined is not None:
+            return open_buf, joined
     return open_buf, torch.cat([committed, open_buf], dim=1)
 
 
@@ -518,10 +517,9 @@ def _titans_write(layer: dict[str, Tensor], upd, beta: Tensor, cap: float
     mom_into_mem = (q_t * beta ** (t_idx + 1)).sum(-1)[..., None, None, None]
 
     # base - sum_j c_j u_j^T d_j, the chunk's weighted gradient taken off in the matmul
-    # itself: the state's memories are the largest tensors a commit touches, and every pass
-    # saved over them is a pass over memory
-    # `base` is a fresh tensor of this function's own, so the product is added in place (no
-    # copy of it first; autograd allows it, nothing's backward needs base's value)
+    # itself, in place: the state's memories are the largest tensors a commit touches, and every
+    # pass saved over them is a pass over memory. `base` is always a fresh tensor made here, and
+    # no backward needs its value, so autograd allows the in-place add
     def minus_weighted(base: Tensor, c: Tensor, u: Tensor, d: Tensor) -> Tensor:
         lead = base.shape[:-2]
         u = u.expand(*lead, *u.shape[-2:]).flatten(0, -3)  # [BHN, T, x]

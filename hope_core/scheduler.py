@@ -322,9 +322,10 @@ class Scheduler:
 
     def _leave(self, r: _Running) -> None:
         # rows move inside the batch (joins, leaves, commits that wait): look it up
-        if self._decoding.index(r) >= self.batch.n_decoding:  # it waits to commit: commit first
+        row = self._decoding.index(r)
+        if row >= self.batch.n_decoding:  # it waits to commit: commit first (rows stay put)
             self._attach(self.batch.commit_waiting())
-        r.job.session.state = self.batch.leave(self._decoding.index(r))
+        r.job.session.state = self.batch.leave(row)
 
     def _end(self, r: _Running, error: BaseException | None = None) -> None:
         if r.future.done():
