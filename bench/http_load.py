@@ -94,6 +94,7 @@ class HttpResults:
     device: str
     max_tokens: int
     levels: list[LevelResult] = field(default_factory=list)
+    engine_process: str = ""  # "true" when the server ran its scheduler in an engine process
 
     def at(self, concurrency: int) -> LevelResult | None:
         return next((r for r in self.levels if r.concurrency == concurrency), None)
@@ -259,11 +260,23 @@ class HopeServer:
         self.stop()
 
 
+def model_info(base_url: str) -> dict[str, str]:
+    """The labels of the server's `hope_model_info` metric (device, engine_process, ...)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{base_url}/metrics", timeout=30).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "hope_model_info":
+                return dict(sample.labels)
+    return {}
+
+
 def run(cfg: LoadConfig, url: str | None = None, checkpoint: str | None = None, device: str = "cpu",
         threads: int | None = None, log=print, publish=None) -> HttpResults:
     """`publish(results)` is called once the server is up; levels are appended as they finish."""
     if url:
-        res = HttpResults(url, "remote", cfg.max_tokens)
+        res = HttpResults(url, "remote", cfg.max_tokens, engine_process=model_info(url).get("engine_process", ""))
         if publish:
             publish(res)
         asyncio.run(run_levels(url.rstrip("/"), cfg, log, into=res.levels))
@@ -272,7 +285,8 @@ def run(cfg: LoadConfig, url: str | None = None, checkpoint: str | None = None, 
     errors = True
     try:
         log(f"http: hope serve on {server.base_url} (device {device}, memory store)")
-        res = HttpResults(server.base_url, device, cfg.max_tokens)
+        res = HttpResults(server.base_url, device, cfg.max_tokens,
+                          engine_process=model_info(server.base_url).get("engine_process", ""))
         if publish:
             publish(res)
         try:

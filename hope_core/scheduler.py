@@ -164,6 +164,14 @@ class Scheduler:
             self._thread.join()
         self._fail_all(RuntimeError("the scheduler stopped"))
 
+    def cancel(self, job: Job) -> None:
+        """Drop `job` before its next piece of work (as setting its `cancel` event does)."""
+        if job.cancel is None:
+            job.cancel = threading.Event()
+        job.cancel.set()
+        with self._cv:
+            self._cv.notify()
+
     @property
     def _decoding(self) -> list[_Running]:
         """The generating jobs, in the order of their rows in the decode batch."""
@@ -185,11 +193,17 @@ class Scheduler:
                     self._cv.wait()
                 if self._stopping:
                     return
-            try:
-                self.step()
-            except Exception as e:  # a bug or out of memory: fail what is in flight, keep serving
-                log.exception("scheduler step failed")
-                self._fail_all(e)
+            self.run_step()
+
+    def run_step(self) -> StepStats | None:
+        """One step; a failure (a bug, out of memory) fails the jobs in flight instead of
+        raising, so the caller's loop keeps serving."""
+        try:
+            return self.step()
+        except Exception as e:
+            log.exception("scheduler step failed")
+            self._fail_all(e)
+            return None
 
     def step(self) -> StepStats:
         """One iteration: admit, a slice of prefill, one batched decode step."""

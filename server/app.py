@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hope_core.checkpoint import load_checkpoint
 from hope_core.engine import Engine
+from hope_core.engine_process import EngineProcess
 from hope_core.scheduler import Scheduler, StepStats
 from server.context import Context
 from server.errors import APIError, install_error_handlers
@@ -27,10 +28,10 @@ from server.stores.base import StoreUnavailable, open_store
 log = logging.getLogger("hope.server")
 
 
-def load_engine(settings: Settings) -> Engine:
+def load_engine(settings: Settings, device: str | None = None) -> Engine:
     # only the scheduler's thread runs multi-threaded torch work (see hope_core.scheduler)
     torch.set_num_threads(1)
-    device = settings.resolved_device()
+    device = device or settings.resolved_device()
     checkpoint = load_checkpoint(settings.checkpoint, device=device)
     engine = Engine(checkpoint, device=device)
     # the first absorb of a process pays one-off costs (allocator, kernels): pay them now, not
@@ -47,11 +48,17 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        eng = engine or await asyncio.to_thread(load_engine, settings)
+        device = settings.resolved_device()
+        separate = settings.engine_process == "on" or (
+            settings.engine_process == "auto" and engine is None and device == "cpu")
+        # with the engine in a process of its own, this one keeps a CPU copy of the model: the
+        # tokenizer, fresh sessions, and decoding stored states (checked against the model)
+        eng = engine or await asyncio.to_thread(load_engine, settings, "cpu" if separate else device)
         ctx.engine, ctx.model_id, ctx.created = eng, eng.checkpoint.name, int(time.time())
         ctx.metrics.model_info.info({
             "name": eng.checkpoint.name, "fingerprint": eng.fingerprint, "path": str(eng.checkpoint.path),
-            "device": str(eng.device), "d_model": str(eng.cfg.d_model), "n_layers": str(eng.cfg.n_layers),
+            "device": device, "engine_process": str(separate).lower(), "d_model": str(eng.cfg.d_model),
+            "n_layers": str(eng.cfg.n_layers),
             "window": str(eng.cfg.window), "state_dtype": settings.state_dtype})
         ctx.store = open_store(settings.store, ttl_s=settings.session_ttl_s)
         try:
@@ -59,15 +66,24 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         except StoreUnavailable as e:  # serve anyway: /readyz says so, requests get 503 until it is back
             log.warning("session store unreachable at start-up", extra={"store": settings.store, "error": str(e)})
         ctx.sessions = SessionManager(eng, ctx.store, settings, ctx.metrics)
-        ctx.scheduler = Scheduler(eng, max_batch=settings.max_batch_size,
-                                  prefill_tokens=settings.prefill_chunk_tokens, threads=threads,
-                                  on_step=lambda stats: _count_step(ctx.metrics, stats)).start()
+        on_step = lambda stats: _count_step(ctx.metrics, stats)
+        if separate:
+            ctx.scheduler = await asyncio.to_thread(
+                EngineProcess(eng.checkpoint.path, eng.new_session().state, device,
+                              slots=settings.max_concurrent_requests, max_batch=settings.max_batch_size,
+                              prefill_tokens=settings.prefill_chunk_tokens, threads=threads,
+                              vocab_size=eng.cfg.vocab_size, on_step=on_step).start)
+        else:
+            ctx.scheduler = Scheduler(eng, max_batch=settings.max_batch_size,
+                                      prefill_tokens=settings.prefill_chunk_tokens, threads=threads,
+                                      on_step=on_step).start()
         if not settings.auth_enabled and not settings.loopback_only:
             log.warning("no HOPE_API_KEYS set and listening beyond loopback: anyone who can reach "
                         f"{settings.host}:{settings.port} can read and change every session")
         state_bytes = eng.new_session().nbytes(settings.state_dtype)
-        log.info("ready", extra={"model": ctx.model_id, "device": str(eng.device), "store": _redact(settings.store),
-                                 "state_bytes": state_bytes, "auth": settings.auth_enabled})
+        log.info("ready", extra={"model": ctx.model_id, "device": device, "engine_process": separate,
+                                 "store": _redact(settings.store), "state_bytes": state_bytes,
+                                 "auth": settings.auth_enabled})
         try:
             yield
         finally:

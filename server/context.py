@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hope_core.engine import Engine
+from hope_core.engine_process import EngineProcess
 from hope_core.scheduler import Scheduler
 from server.metrics import Metrics
 from server.sessions import SessionManager
@@ -19,7 +20,7 @@ class Context:
     engine: Engine | None = None  # set once the lifespan has loaded the checkpoint
     store: StateStore | None = None
     sessions: SessionManager | None = None
-    scheduler: Scheduler | None = None  # runs every request's engine work, batched
+    scheduler: Scheduler | EngineProcess | None = None  # runs every request's engine work, batched
     model_id: str = ""
     created: int = 0  # when the model was loaded (for /v1/models)
 

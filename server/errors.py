@@ -74,6 +74,12 @@ def store_unavailable(retry_after: int) -> APIError:
                     headers={"Retry-After": str(retry_after)})
 
 
+def engine_unavailable(retry_after: int) -> APIError:
+    return APIError(503, "the engine process stopped and is restarting; nothing was stored, try again shortly",
+                    code="engine_unavailable", reason="engine_unavailable",
+                    headers={"Retry-After": str(retry_after)})
+
+
 def session_busy(message: str) -> APIError:
     return APIError(409, message, code="session_busy")
 

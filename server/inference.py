@@ -23,10 +23,11 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from hope_core.engine import PromptAbsorbed, TokenEvent
+from hope_core.engine_process import EngineDied
 from hope_core.sampling import SamplingParams
 from hope_core.scheduler import Job, JobResult
 from server.context import Context
-from server.errors import APIError, bad_request, not_found, too_large
+from server.errors import APIError, bad_request, engine_unavailable, not_found, too_large
 from server.schemas import SamplingFields, SessionInfo, Surprise
 from server.sessions import Turn
 from server.stores.base import SESSION_ID_RE
@@ -95,14 +96,17 @@ class TurnRun:
         # a reply cut by max_tokens or a stop string is closed with <|end|>, so the stream reads
         # exactly as if the client re-sent the reply as an assistant message
         job = Job(turn.work, plan.prompt, plan.params, plan.learn, close_turn=plan.close_turn)
-        self.stream = JobStream(ctx.scheduler, job)
+        try:
+            self.stream = JobStream(ctx.scheduler, job)
+        except EngineDied:
+            raise engine_unavailable(ctx.settings.overload_retry_after_s) from None
         self.output: JobResult | None = None  # set once the job has finished
         self._last_token: float | None = None
 
     async def events(self) -> AsyncIterator[PromptAbsorbed | TokenEvent]:
         m = self.ctx.metrics
         n_tokens = 0
-        async for item in self.stream:
+        async for item in self._items():
             if isinstance(item, TokenEvent):
                 if n_tokens >= self.plan.params.max_tokens:
                     # the engine's final flush of held-back text repeats the last token's id:
@@ -120,6 +124,13 @@ class TurnRun:
         if self.stream.stop_event.is_set():  # the client left after the last token: no commit
             raise Stopped
         self.output = self.stream.result
+
+    async def _items(self) -> AsyncIterator[PromptAbsorbed | TokenEvent]:
+        try:
+            async for item in self.stream:
+                yield item
+        except EngineDied:  # the job failed as a whole: nothing was committed
+            raise engine_unavailable(self.ctx.settings.overload_retry_after_s) from None
 
     def stop(self) -> None:
         self.stream.stop()

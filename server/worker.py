@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import anyio
 
+from hope_core.engine_process import EngineProcess
 from hope_core.scheduler import Cancelled, Job, JobResult, Scheduler
 
 R = TypeVar("R")
@@ -33,8 +34,9 @@ class Stopped(Exception):
 class JobStream:
     """`async for item in stream` yields what the job emits; `stream.result` is its JobResult."""
 
-    def __init__(self, scheduler: Scheduler, job: Job) -> None:
+    def __init__(self, scheduler: Scheduler | EngineProcess, job: Job) -> None:
         self.stop_event = threading.Event()
+        self._scheduler, self._job = scheduler, job
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._result: JobResult | None = None
@@ -75,6 +77,7 @@ class JobStream:
     def stop(self) -> None:
         """Ask the scheduler to drop the job before its next piece of work (thread-safe)."""
         self.stop_event.set()
+        self._scheduler.cancel(self._job)
 
     async def aclose(self) -> None:
         """Stop the job and wait until the scheduler has let it go (also when being cancelled)."""

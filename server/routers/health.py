@@ -1,4 +1,4 @@
-"""Probes and metrics: /healthz (alive), /readyz (model loaded and store reachable), /metrics."""
+"""Probes and metrics: /healthz (alive), /readyz (model loaded, engine up, store reachable), /metrics."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from hope_core.engine_process import EngineProcess
 from server.auth import Ctx
 from server.schemas import Health
 from server.stores.base import StoreUnavailable
@@ -23,6 +24,8 @@ async def readyz(ctx: Ctx):
     problems = {}
     if ctx.engine is None:
         problems["model"] = "not loaded"
+    if isinstance(ctx.scheduler, EngineProcess) and not ctx.scheduler.alive:
+        problems["engine"] = "the engine process is restarting"
     if ctx.store is None:
         problems["store"] = "not open"
     else:

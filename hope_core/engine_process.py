@@ -1,0 +1,543 @@
+"""The scheduler in a process of its own: vLLM V1's split of engine core and API server.
+
+In one process the scheduler's thread shares the GIL with everything else: every torch op
+releases it and takes it back, so each burst of Python on another thread (an HTTP event, a
+streamed token, a state being encoded) holds a step up, and on a machine with few cores the
+hand-offs convoy (docs/architecture.md, "Many sessions at once"). `EngineProcess` runs the
+`Scheduler` in a child process instead and gives the caller the scheduler's own interface:
+`submit(job) -> Future[JobResult]`, `cancel(job)`, `stop()`, with `job.emit` called for each
+item as it is made.
+
+What crosses the process boundary:
+
+* sessions' states, through `StateSlots`: one shared memory file with a slot per job in flight
+  (the slots' pages are mapped by both processes, so a state is copied once in and once out,
+  and nothing is serialised);
+* everything else as JSON messages over a socket pair (never pickle): jobs and cancellations
+  one way; the other way one message per scheduler step with every item emitted during it, the
+  jobs that ended and the step's statistics, so a step costs the child one write.
+
+The child runs its loop on its main thread: it reads what arrived (without waiting while it has
+work), runs one step, and sends what the step produced. If it dies, every job in flight fails
+with `EngineDied` (a request fails as a whole: nothing is committed) and a new child starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import mmap
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hope_core.engine import GenerationResult, PromptAbsorbed, TokenEvent, UpdateRecord
+from hope_core.model import Learning, State
+from hope_core.sampling import SamplingParams
+from hope_core.scheduler import Cancelled, Job, JobResult, StepStats
+from hope_core.state import SessionState
+
+log = logging.getLogger("hope.engine_process")
+
+ALIGN = 64  # bytes: each tensor of a slot starts on a cache line
+# OpenMP threads of the child spin this many times at a barrier before they sleep (libgomp's
+# default is 300,000): the HTTP side needs the cores between the child's parallel regions. On 2
+# cores under HTTP load, alternated server runs (levels 1 / 16 / 64): 2,000 gave 60-67 / 237-275
+# / 229-242 tokens/s and TTFT p50 at 64 of 1.7-2.0 s, the default 59-63 / 191-236 / 167-216 and
+# 3.2 s; OMP_WAIT_POLICY=passive (no spinning) lost a sixth at level 1.
+OMP_SPIN_COUNT = 2000
+
+
+class EngineDied(RuntimeError):
+    """The engine process exited while the job was in flight."""
+
+
+# ---- shared state slots ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # torch dtype name, e.g. "float32"
+    offset: int  # bytes into the slot
+
+    @property
+    def nbytes(self) -> int:
+        return _dtype(self.dtype).itemsize * _numel(self.shape)
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"not a torch dtype: {name!r}")
+    return dtype
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def slot_layout(template: State) -> list[Field]:
+    """Where each of a one-session state's tensors lies in a slot."""
+    fields, offset = [], 0
+    for name, t in template.tensors().items():
+        f = Field(name, tuple(t.shape), str(t.dtype).removeprefix("torch."), offset)
+        fields.append(f)
+        offset += -(-f.nbytes // ALIGN) * ALIGN
+    return fields
+
+
+class StateSlots:
+    """`n` slots of one session state each, in a file both processes map.
+
+    The file is a memfd where there is one (Linux): its pages exist only once touched and count
+    against the process's memory, not against a /dev/shm mount, whose default in a container is
+    64 MB. Elsewhere an unlinked temporary file."""
+
+    def __init__(self, fields: list[Field], n: int, fd: int | None = None) -> None:
+        self.fields, self.n = fields, n
+        last = fields[-1]
+        self.slot_bytes = -(-(last.offset + last.nbytes) // ALIGN) * ALIGN
+        size = self.slot_bytes * n
+        if fd is None:
+            if hasattr(os, "memfd_create"):
+                fd = os.memfd_create("hope-state-slots")
+            else:
+                tmp = tempfile.TemporaryFile()
+                fd = os.dup(tmp.fileno())
+                tmp.close()
+            os.ftruncate(fd, size)
+        self.fd = fd
+        self._mmap = mmap.mmap(fd, size)
+        self._bytes = torch.frombuffer(self._mmap, dtype=torch.uint8)
+
+    def view(self, slot: int) -> State:
+        """Slot `slot` as a state whose tensors are views of the shared pages."""
+        base = slot * self.slot_bytes
+        out = {}
+        for f in self.fields:
+            raw = self._bytes[base + f.offset: base + f.offset + f.nbytes]
+            out[f.name] = raw.view(_dtype(f.dtype)).view(f.shape)
+        return State.from_tensors(out, _n_layers(self.fields))
+
+    def write(self, slot: int, state: State) -> None:
+        dst = self.view(slot).tensors()
+        for name, t in state.tensors().items():
+            if t.shape != dst[name].shape:
+                raise ValueError(f"{name}: shape {tuple(t.shape)} does not fit the slot's {tuple(dst[name].shape)}")
+            dst[name].copy_(t)
+
+    def read(self, slot: int) -> State:
+        """A copy of slot `slot` that owns its memory (the slot may be reused at once)."""
+        return self.view(slot).map(torch.clone)
+
+    def close(self) -> None:
+        del self._bytes
+        self._mmap.close()
+        os.close(self.fd)
+
+
+def _n_layers(fields: list[Field]) -> int:
+    return 1 + max(int(f.name.split(".")[1]) for f in fields if f.name.startswith("layers."))
+
+
+# ---- the wire -------------------------------------------------------------------------------------
+
+def _send(conn: Connection, msg: dict[str, Any]) -> None:
+    conn.send_bytes(json.dumps(msg, separators=(",", ":")).encode())
+
+
+def _recv(conn: Connection) -> dict[str, Any]:
+    return json.loads(conn.recv_bytes())  # bytes from our own child or parent; JSON, never pickle
+
+
+def _learning_to_wire(learn: bool | Learning) -> bool | dict[str, bool]:
+    return learn if isinstance(learn, bool) else asdict(learn)
+
+
+def _learning_from_wire(learn: bool | dict[str, bool]) -> bool | Learning:
+    return learn if isinstance(learn, bool) else Learning(**learn)
+
+
+def _item_to_wire(item: object) -> list[Any]:
+    if isinstance(item, TokenEvent):
+        return ["token", item.token_id, item.text, item.logprob]
+    if isinstance(item, PromptAbsorbed):
+        return ["prompt", item.token_ids, item.logprobs]
+    raise TypeError(f"cannot send {type(item).__name__}")
+
+
+def _item_from_wire(item: list[Any]) -> object:
+    if item[0] == "token":
+        return TokenEvent(*item[1:])
+    return PromptAbsorbed(*item[1:])
+
+
+def _result_to_wire(res: JobResult) -> dict[str, Any]:
+    return asdict(res)
+
+
+def _result_from_wire(d: dict[str, Any]) -> JobResult:
+    gen = d["generation"]
+    if gen is not None:
+        gen = GenerationResult(**{**gen, "updates": [UpdateRecord(**u) for u in gen["updates"]]})
+    return JobResult(d["prompt_logprobs"], gen, [UpdateRecord(**u) for u in d["updates"]])
+
+
+# ---- the parent's side ----------------------------------------------------------------------------
+
+@dataclass
+class _InFlight:
+    job: Job
+    future: Future
+    slot: int
+    consumer_gone: bool = False  # its emit raised: nothing more is handed to it
+
+
+class EngineProcess:
+    """A `Scheduler` in a child process, with the scheduler's interface.
+
+    `checkpoint`: the directory the child loads; `template`: a fresh session of that checkpoint
+    (it fixes the slots' layout); `slots`: the most jobs in flight at once."""
+
+    def __init__(self, checkpoint: str | Path, template: State, device: str = "cpu", *, slots: int,
+                 max_batch: int = 64, prefill_tokens: int = 256, threads: int | None = None,
+                 commit_wait: int | None = None, vocab_size: int,
+                 on_step: Callable[[StepStats], None] | None = None, start_timeout_s: float = 300.0) -> None:
+        self.on_step = on_step
+        self.vocab_size = vocab_size
+        self.start_timeout_s = start_timeout_s
+        self.slots = StateSlots(slot_layout(template), slots)
+        self._config = {"checkpoint": str(checkpoint), "device": device, "max_batch": max_batch,
+                        "prefill_tokens": prefill_tokens, "threads": threads, "commit_wait": commit_wait,
+                        "slots": slots, "fields": [asdict(f) for f in self.slots.fields]}
+        self._lock = threading.Lock()  # guards the in-flight table, the free slots and the connection
+        self._jobs: dict[int, _InFlight] = {}
+        self._free = list(range(slots))[::-1]
+        self._next_id = 0
+        self._stopping = False
+        self._proc: subprocess.Popen | None = None
+        self._conn: Connection | None = None
+        # sends go through a queue and a thread of their own: a caller never blocks on a full
+        # socket, so the reader can always drain the child, and the child can always finish a step
+        self._outbox: queue.SimpleQueue | None = None
+        self._reader: threading.Thread | None = None
+        self.restarts = 0
+
+    # ---- life cycle ---------------------------------------------------------------------------
+
+    def start(self) -> EngineProcess:
+        ours, theirs = socket.socketpair()
+        cmd = [sys.executable, "-m", "hope_core.engine_process", "--conn-fd", str(theirs.fileno()),
+               "--slots-fd", str(self.slots.fd)]
+        level = logging.getLevelName(logging.getLogger("hope").getEffectiveLevel())
+        env = {**os.environ, "HOPE_ENGINE_LOG_LEVEL": level}  # the child logs as we do
+        if "OMP_WAIT_POLICY" not in env:
+            env.setdefault("GOMP_SPINCOUNT", str(OMP_SPIN_COUNT))
+        self._proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(), self.slots.fd), env=env)
+        theirs.close()
+        conn = Connection(ours.detach())
+        _send(conn, {"op": "init", **self._config})
+        deadline = time.monotonic() + self.start_timeout_s
+        while not conn.poll(0.5):
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                conn.close()
+                self._kill()
+                raise RuntimeError(f"the engine process did not start (exit code {self._proc.returncode})")
+        msg = _recv(conn)
+        if msg.get("op") != "ready":
+            conn.close()
+            self._kill()
+            raise RuntimeError(f"the engine process failed to start: {msg.get('error', msg)}")
+        outbox: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._write, args=(conn, outbox), name="hope-engine-writer", daemon=True).start()
+        with self._lock:
+            self._conn, self._outbox = conn, outbox
+            if self._stopping:  # stopped while this child started (a restart)
+                outbox.put({"op": "stop"})
+        self._reader = threading.Thread(target=self._read, args=(conn,), name="hope-engine-reader", daemon=True)
+        self._reader.start()
+        log.info("engine process started", extra={"pid": self._proc.pid})
+        return self
+
+    def stop(self) -> None:
+        """Finish nothing more: jobs in flight fail with RuntimeError."""
+        with self._lock:
+            self._stopping = True
+            if self._outbox is not None:
+                self._outbox.put({"op": "stop"})
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._kill()
+        if self._reader is not None and self._reader is not threading.current_thread():
+            self._reader.join(timeout=10)
+        self._fail_all(RuntimeError("the scheduler stopped"))
+
+    def _kill(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def alive(self) -> bool:
+        """Whether a child is up and taking jobs (false while one restarts)."""
+        return self._conn is not None and self._proc is not None and self._proc.poll() is None
+
+    @property
+    def busy(self) -> int:
+        """Jobs in flight."""
+        return len(self._jobs)
+
+    # ---- jobs -------------------------------------------------------------------------------------
+
+    def submit(self, job: Job) -> Future[JobResult]:
+        if any(t < 0 or t >= self.vocab_size for t in job.prompt):
+            raise ValueError("token id out of the vocabulary")
+        future: Future[JobResult] = Future()
+        with self._lock:
+            if self._stopping:
+                raise RuntimeError("the scheduler is stopped")
+            if self._outbox is None:
+                raise EngineDied("the engine process is restarting")
+            if not self._free:
+                raise RuntimeError("no free state slot: more jobs in flight than the engine process was sized for")
+            jid, slot = self._next_id, self._free.pop()
+            self._next_id += 1
+            self._jobs[jid] = _InFlight(job, future, slot)
+        try:
+            self.slots.write(slot, job.session.state)
+        except BaseException as e:
+            self._finish(jid, error=e)
+            return future
+        # if the child dies before it reads this, the reader fails the job (it is in the table)
+        self._post({"op": "submit", "id": jid, "slot": slot, "prompt": list(job.prompt),
+                    "params": asdict(job.params), "learn": _learning_to_wire(job.learn),
+                    "close_turn": job.close_turn, "fingerprint": job.session.fingerprint,
+                    "version": job.session.version})
+        return future
+
+    def cancel(self, job: Job) -> None:
+        """Drop `job` before its next piece of work."""
+        if job.cancel is not None:
+            job.cancel.set()
+        jid = next((i for i, f in list(self._jobs.items()) if f.job is job), None)
+        if jid is not None:
+            self._post({"op": "cancel", "id": jid})
+
+    def _post(self, msg: dict[str, Any]) -> None:
+        with self._lock:
+            if self._outbox is not None:
+                self._outbox.put(msg)
+
+    @staticmethod
+    def _write(conn: Connection, outbox: queue.SimpleQueue) -> None:
+        """Sends until the reader posts None; then closes the connection (only this thread
+        does, so no send can reach a descriptor number that was closed and reused)."""
+        alive = True
+        while (msg := outbox.get()) is not None:
+            if alive:
+                try:
+                    _send(conn, msg)
+                except OSError:  # the child is gone: the reader fails its jobs
+                    alive = False
+        conn.close()
+
+    # ---- what comes back (the reader thread) ------------------------------------------------------
+
+    def _read(self, conn: Connection) -> None:
+        while True:
+            try:
+                msg = _recv(conn)
+            except (EOFError, OSError):
+                break
+            for item in msg.get("items", []):
+                if item[0] == "emit":
+                    self._emit(item[1], _item_from_wire(item[2]))
+                else:
+                    self._done(item[1], item[2])
+            stats = msg.get("stats")
+            if stats is not None and self.on_step is not None:
+                self.on_step(StepStats(*stats))
+        with self._lock:
+            stopping, self._conn = self._stopping, None
+            if self._outbox is not None:
+                self._outbox.put(None)  # the writer closes the connection
+            self._outbox = None
+        code = self._proc.wait() if self._proc is not None else None
+        if stopping:
+            return
+        log.error("engine process exited; restarting it", extra={"exit_code": code, "jobs_failed": len(self._jobs)})
+        self._fail_all(EngineDied(f"the engine process exited (code {code})"))
+        self.restarts += 1
+        try:
+            self.start()
+        except Exception:
+            log.exception("could not restart the engine process")
+
+    def _emit(self, jid: int, item: object) -> None:
+        f = self._jobs.get(jid)
+        if f is None or f.job.emit is None or f.consumer_gone:
+            return
+        try:
+            f.job.emit(item)
+        except BaseException:  # the consumer is gone: the job stops there, as in the scheduler
+            f.consumer_gone = True
+            self.cancel(f.job)
+
+    def _done(self, jid: int, out: dict[str, Any]) -> None:
+        f = self._jobs.get(jid)
+        if f is None:
+            return
+        if "error" in out:
+            kind, message = out["error"]
+            self._finish(jid, error=Cancelled() if kind == "Cancelled" else RuntimeError(message))
+            return
+        f.job.session.state = self.slots.read(f.slot)
+        self._finish(jid, result=_result_from_wire(out["result"]))
+
+    def _finish(self, jid: int, result: JobResult | None = None, error: BaseException | None = None) -> None:
+        with self._lock:
+            f = self._jobs.pop(jid, None)
+            if f is None:
+                return
+            self._free.append(f.slot)
+        if f.future.done():
+            return
+        if error is not None:
+            f.future.set_exception(error)
+        else:
+            f.future.set_result(result)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for jid in list(self._jobs):
+            self._finish(jid, error=error)
+
+
+# ---- the child's side -----------------------------------------------------------------------------
+
+class _Core:
+    """The child: a scheduler stepped on the main thread, fed and drained between steps."""
+
+    def __init__(self, conn: Connection, config: dict[str, Any], slots_fd: int) -> None:
+        from hope_core.checkpoint import load_checkpoint
+        from hope_core.engine import Engine
+        from hope_core.scheduler import Scheduler
+
+        self.conn = conn
+        if config["threads"]:
+            torch.set_num_threads(config["threads"])
+        device = torch.device(config["device"])
+        self.engine = Engine(load_checkpoint(config["checkpoint"], device=device), device=device)
+        fields = [Field(f["name"], tuple(f["shape"]), f["dtype"], f["offset"]) for f in config["fields"]]
+        if slot_layout(self.engine.new_session().state) != fields:
+            raise RuntimeError("the parent's state layout is not this checkpoint's")
+        self.slots = StateSlots(fields, config["slots"], fd=slots_fd)
+        self.engine.absorb(self.engine.new_session(), [self.engine.tokenizer.bos_id] * self.engine.cfg.chunk)
+        self.scheduler = Scheduler(self.engine, max_batch=config["max_batch"],
+                                   prefill_tokens=config["prefill_tokens"], commit_wait=config["commit_wait"])
+        self.jobs: dict[int, Job] = {}
+        self.items: list[list[Any]] = []  # what this step produced, sent after it
+
+    def run(self) -> None:
+        while True:
+            wait = None if self.scheduler.busy == 0 else 0.0
+            while self.conn.poll(wait):
+                msg = _recv(self.conn)
+                if msg["op"] == "stop":
+                    return
+                self._handle(msg)
+                wait = 0.0
+            stats = self.scheduler.run_step() if self.scheduler.busy else None
+            if self.items or stats is not None:
+                out = {"items": self.items,
+                       "stats": None if stats is None else [stats.batch_size, stats.prefill_tokens, stats.seconds]}
+                self.items = []
+                _send(self.conn, out)
+
+    def _handle(self, msg: dict[str, Any]) -> None:
+        jid = msg["id"]
+        if msg["op"] == "cancel":
+            job = self.jobs.get(jid)
+            if job is not None and job.cancel is not None:
+                job.cancel.set()
+            return
+        state = self.slots.view(msg["slot"])
+        if self.engine.device.type != "cpu":
+            state = state.map(lambda t: t.to(self.engine.device))
+        job = Job(SessionState(state, msg["fingerprint"], msg["version"]), msg["prompt"],
+                  SamplingParams(**msg["params"]), _learning_from_wire(msg["learn"]), msg["close_turn"],
+                  emit=lambda item: self.items.append(["emit", jid, _item_to_wire(item)]),
+                  cancel=threading.Event())
+        try:
+            future = self.scheduler.submit(job)
+        except Exception as e:
+            self.items.append(["done", jid, {"error": [type(e).__name__, str(e)]}])
+            return
+        self.jobs[jid] = job
+        future.add_done_callback(lambda f: self._ended(jid, msg["slot"], f))
+
+    def _ended(self, jid: int, slot: int, future: Future) -> None:
+        job = self.jobs.pop(jid)
+        error = future.exception()
+        if error is not None:
+            self.items.append(["done", jid, {"error": [type(error).__name__, str(error)]}])
+            return
+        self.slots.write(slot, job.session.state)
+        self.items.append(["done", jid, {"result": _result_to_wire(future.result())}])
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="The engine process of `hope serve` (started by it, not by hand).")
+    p.add_argument("--conn-fd", type=int, required=True)
+    p.add_argument("--slots-fd", type=int, required=True)
+    args = p.parse_args(argv)
+    from hope_core.logs import configure_logging
+
+    configure_logging(os.environ.get("HOPE_ENGINE_LOG_LEVEL", "WARNING"))
+    # the parent stops this process; a Ctrl-C meant for `hope serve` (sent to the whole process
+    # group) must not kill requests that the server is still finishing. If the parent dies, the
+    # socket closes and the loop ends.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    torch.set_num_threads(1)  # until the config says how many the scheduler takes
+    conn = Connection(args.conn_fd)
+    config = _recv(conn)
+    try:
+        core = _Core(conn, config, args.slots_fd)
+    except Exception as e:
+        log.exception("engine process could not start")
+        _send(conn, {"op": "failed", "error": f"{type(e).__name__}: {e}"})
+        return
+    _send(conn, {"op": "ready"})
+    try:
+        core.run()
+    except (EOFError, OSError):  # the parent is gone
+        pass
+
+
+if __name__ == "__main__":
+    main()
