@@ -55,12 +55,6 @@ from hope_core.state import SessionState
 log = logging.getLogger("hope.engine_process")
 
 ALIGN = 64  # bytes: each tensor of a slot starts on a cache line
-# OpenMP threads of the child spin this many times at a barrier before they sleep (libgomp's
-# default is 300,000): the HTTP side needs the cores between the child's parallel regions. On 2
-# cores under HTTP load, alternated server runs (levels 1 / 16 / 64): 2,000 gave 60-67 / 237-275
-# / 229-242 tokens/s and TTFT p50 at 64 of 1.7-2.0 s, the default 59-63 / 191-236 / 167-216 and
-# 3.2 s; OMP_WAIT_POLICY=passive (no spinning) lost a sixth at level 1.
-OMP_SPIN_COUNT = 2000
 
 
 class EngineDied(RuntimeError):
@@ -215,8 +209,10 @@ class _InFlight:
 class EngineProcess:
     """A `Scheduler` in a child process, with the scheduler's interface.
 
-    `checkpoint`: the directory the child loads; `template`: a fresh session of that checkpoint
-    (it fixes the slots' layout); `slots`: the most jobs in flight at once."""
+    `checkpoint`: the directory the child loads; `template`: the state of a fresh session of
+    that checkpoint (`Engine.new_session().state`, shared by every fresh session): it fixes the
+    slots' layout, and a job on it is not copied in (the child keeps it in a slot of its own);
+    `slots`: the most jobs in flight at once."""
 
     def __init__(self, checkpoint: str | Path, template: State, device: str = "cpu", *, slots: int,
                  max_batch: int = 64, prefill_tokens: int = 256, threads: int | None = None,
@@ -225,7 +221,9 @@ class EngineProcess:
         self.on_step = on_step
         self.vocab_size = vocab_size
         self.start_timeout_s = start_timeout_s
-        self.slots = StateSlots(slot_layout(template), slots)
+        self._template = template
+        self.slots = StateSlots(slot_layout(template), slots + 1)  # the last one: the template
+        self.slots.write(slots, template)
         self._config = {"checkpoint": str(checkpoint), "device": device, "max_batch": max_batch,
                         "prefill_tokens": prefill_tokens, "threads": threads, "commit_wait": commit_wait,
                         "slots": slots, "fields": [asdict(f) for f in self.slots.fields]}
@@ -250,8 +248,6 @@ class EngineProcess:
                "--slots-fd", str(self.slots.fd)]
         level = logging.getLevelName(logging.getLogger("hope").getEffectiveLevel())
         env = {**os.environ, "HOPE_ENGINE_LOG_LEVEL": level}  # the child logs as we do
-        if "OMP_WAIT_POLICY" not in env:
-            env.setdefault("GOMP_SPINCOUNT", str(OMP_SPIN_COUNT))
         self._proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(), self.slots.fd), env=env)
         theirs.close()
         conn = Connection(ours.detach())
@@ -328,13 +324,15 @@ class EngineProcess:
             jid, slot = self._next_id, self._free.pop()
             self._next_id += 1
             self._jobs[jid] = _InFlight(job, future, slot)
+        fresh = job.session.state is self._template
         try:
-            self.slots.write(slot, job.session.state)
+            if not fresh:
+                self.slots.write(slot, job.session.state)
         except BaseException as e:
             self._finish(jid, error=e)
             return future
         # if the child dies before it reads this, the reader fails the job (it is in the table)
-        self._post({"op": "submit", "id": jid, "slot": slot, "prompt": list(job.prompt),
+        self._post({"op": "submit", "id": jid, "slot": slot, "fresh": fresh, "prompt": list(job.prompt),
                     "params": asdict(job.params), "learn": _learning_to_wire(job.learn),
                     "close_turn": job.close_turn, "fingerprint": job.session.fingerprint,
                     "version": job.session.version})
@@ -369,6 +367,9 @@ class EngineProcess:
     # ---- what comes back (the reader thread) ------------------------------------------------------
 
     def _read(self, conn: Connection) -> None:
+        # it copies states out of the slots: one torch thread, no OpenMP team of its own spinning
+        # beside the child's (see hope_core.scheduler)
+        torch.set_num_threads(1)
         while True:
             try:
                 msg = _recv(conn)
@@ -455,7 +456,8 @@ class _Core:
         fields = [Field(f["name"], tuple(f["shape"]), f["dtype"], f["offset"]) for f in config["fields"]]
         if slot_layout(self.engine.new_session().state) != fields:
             raise RuntimeError("the parent's state layout is not this checkpoint's")
-        self.slots = StateSlots(fields, config["slots"], fd=slots_fd)
+        self.slots = StateSlots(fields, config["slots"] + 1, fd=slots_fd)
+        self.fresh = self.slots.view(config["slots"])  # the parent's fresh session, bit for bit
         self.engine.absorb(self.engine.new_session(), [self.engine.tokenizer.bos_id] * self.engine.cfg.chunk)
         self.scheduler = Scheduler(self.engine, max_batch=config["max_batch"],
                                    prefill_tokens=config["prefill_tokens"], commit_wait=config["commit_wait"])
@@ -463,15 +465,22 @@ class _Core:
         self.items: list[list[Any]] = []  # what this step produced, sent after it
 
     def run(self) -> None:
+        trace = log.isEnabledFor(logging.DEBUG)
         while True:
             wait = None if self.scheduler.busy == 0 else 0.0
+            t0 = time.perf_counter()
             while self.conn.poll(wait):
                 msg = _recv(self.conn)
                 if msg["op"] == "stop":
                     return
                 self._handle(msg)
                 wait = 0.0
+            t1 = time.perf_counter()
             stats = self.scheduler.run_step() if self.scheduler.busy else None
+            if trace and stats is not None:  # HOPE_LOG_LEVEL=debug: one line per step
+                log.debug("step", extra={"batch": stats.batch_size, "prefill_tokens": stats.prefill_tokens,
+                                         "step_ms": round(stats.seconds * 1e3, 2), "idle_ms": round((t1 - t0) * 1e3, 2),
+                                         "jobs": self.scheduler.busy})
             if self.items or stats is not None:
                 out = {"items": self.items,
                        "stats": None if stats is None else [stats.batch_size, stats.prefill_tokens, stats.seconds]}
@@ -485,7 +494,7 @@ class _Core:
             if job is not None and job.cancel is not None:
                 job.cancel.set()
             return
-        state = self.slots.view(msg["slot"])
+        state = self.fresh if msg["fresh"] else self.slots.view(msg["slot"])
         if self.engine.device.type != "cpu":
             state = state.map(lambda t: t.to(self.engine.device))
         job = Job(SessionState(state, msg["fingerprint"], msg["version"]), msg["prompt"],

@@ -48,9 +48,14 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # one torch thread on the event loop's thread, set before the scheduler's thread sets the
+        # process's count to the cores: only the scheduler may run a multi-threaded OpenMP team
+        # (see hope_core.scheduler). Without this, under HTTP load on 2 cores: 49-59 / 188-263 /
+        # 273-341 tokens/s at 1 / 16 / 64 concurrent requests, against 78-84 / 336-338 / 337-388
+        # with it (alternated server runs; docs/architecture.md).
+        torch.set_num_threads(1)
         device = settings.resolved_device()
-        separate = settings.engine_process == "on" or (
-            settings.engine_process == "auto" and engine is None and device == "cpu")
+        separate = settings.engine_process
         # with the engine in a process of its own, this one keeps a CPU copy of the model: the
         # tokenizer, fresh sessions, and decoding stored states (checked against the model)
         eng = engine or await asyncio.to_thread(load_engine, settings, "cpu" if separate else device)

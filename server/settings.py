@@ -59,9 +59,9 @@ class Settings(BaseSettings):
 
     # the scheduler: sessions advance together, one batched step at a time
     threads: int = Field(0, ge=0)  # torch CPU threads of the engine's scheduler; 0: one per core
-    # the scheduler in a process of its own (hope_core.engine_process), so its steps never wait
-    # on the HTTP side's Python for the GIL; auto: on for a CPU engine that the server loads itself
-    engine_process: Literal["auto", "on", "off"] = "auto"
+    # the scheduler in a child process (hope_core.engine_process): an engine that crashes fails
+    # only the requests in flight and is restarted; on 2 CPU cores it is slower than a thread
+    engine_process: bool = False
     max_batch_size: int = Field(64, ge=1)  # sessions decoded together in one batched step
     # prompt tokens absorbed per scheduler step and session, so a long prompt is prefilled in
     # chunks between decoding steps instead of stalling the sessions that are decoding

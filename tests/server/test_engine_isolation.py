@@ -19,9 +19,9 @@ pytestmark = pytest.mark.anyio
 TURNS = ["Hello there, keeper of the light.", "What did the sea bring in tonight?"]
 
 
-async def two_turns(engine, engine_process: str) -> tuple[list[str], dict, bytes]:
+async def two_turns(engine, engine_process: bool) -> tuple[list[str], dict, bytes]:
     async with running_app(engine, engine_process=engine_process, threads=1) as api:
-        assert isinstance(api.app.state.ctx.scheduler, EngineProcess) == (engine_process == "on")
+        assert isinstance(api.app.state.ctx.scheduler, EngineProcess) == engine_process
         replies = []
         for text in TURNS:
             out = await api.chat(text, session="s", max_tokens=20, temperature=0.8, seed=4)
@@ -32,8 +32,8 @@ async def two_turns(engine, engine_process: str) -> tuple[list[str], dict, bytes
 
 
 async def test_turns_in_the_engine_process_equal_turns_in_process(engine):
-    remote, remote_meta, remote_blob = await two_turns(engine, "on")
-    local, local_meta, local_blob = await two_turns(engine, "off")
+    remote, remote_meta, remote_blob = await two_turns(engine, True)
+    local, local_meta, local_blob = await two_turns(engine, False)
     assert remote == local
     for key in ("version", "tokens_absorbed", "updates"):
         assert remote_meta[key] == local_meta[key], key
@@ -43,7 +43,7 @@ async def test_turns_in_the_engine_process_equal_turns_in_process(engine):
 
 
 async def test_a_killed_engine_process_fails_the_request_and_commits_nothing(engine):
-    async with running_app(engine, engine_process="on", threads=1) as api:
+    async with running_app(engine, engine_process=True, threads=1) as api:
         proc = api.app.state.ctx.scheduler
         await api.chat("A first turn that is committed.", session="k")
         before = await api.session("k")
