@@ -172,7 +172,7 @@ def _http(h: HttpResults) -> list[str]:
     server = (f"the server at `{h.url}`" if h.device == "remote"
               else f"`hope serve --device {h.device} --store memory://`, started by the benchmark")
     if h.engine_process:
-        server += f" (scheduler in an engine process: {h.engine_process})"
+        server += " (its scheduler in " + ("an engine process)" if h.engine_process == "true" else "a thread)")
     out = ["## HTTP serving with Poisson arrivals", "",
            f"Against {server}: streaming chat completions, each request its own session (learning, committed),",
            f"exactly {h.max_tokens} tokens (`ignore_eos`); Poisson arrivals at the request rate shown, at most N in",

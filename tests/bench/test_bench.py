@@ -97,6 +97,7 @@ def test_http_load_against_a_real_server(tiny: Path) -> None:
     cfg = http_load.LoadConfig(levels=[2], max_tokens=8, min_requests=4)
     res = http_load.run(cfg, checkpoint=str(tiny), threads=1, log=lambda _: None)
     (level,) = res.levels
+    assert res.engine_process == "false"  # read off the server's hope_model_info
     assert (level.concurrency, level.requests, level.errors) == (2, 4, 0), level.first_error
     assert level.output_tokens == 4 * 8
     assert level.tokens_per_s > 0
