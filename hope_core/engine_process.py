@@ -1,12 +1,12 @@
 """The scheduler in a process of its own: vLLM V1's split of engine core and API server.
 
-In one process the scheduler's thread shares the GIL with everything else: every torch op
-releases it and takes it back, so each burst of Python on another thread (an HTTP event, a
-streamed token, a state being encoded) holds a step up, and on a machine with few cores the
-hand-offs convoy (docs/architecture.md, "Many sessions at once"). `EngineProcess` runs the
-`Scheduler` in a child process instead and gives the caller the scheduler's own interface:
-`submit(job) -> Future[JobResult]`, `cancel(job)`, `stop()`, with `job.emit` called for each
-item as it is made.
+`EngineProcess` runs the `Scheduler` in a child process and gives the caller the scheduler's
+own interface: `submit(job) -> Future[JobResult]`, `cancel(job)`, `stop()`, with `job.emit`
+called for each item as it is made. The server uses it with `HOPE_ENGINE_PROCESS=true`: an
+engine that crashes then fails only the jobs in flight and is restarted, while the HTTP side
+stays up, and the scheduler's steps never wait for the GIL behind the HTTP side's Python. On 2
+CPU cores it is slower than the scheduler in a thread (docs/architecture.md, "The scheduler
+beside the HTTP side"), so it is not the default.
 
 What crosses the process boundary:
 
