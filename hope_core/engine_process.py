@@ -217,10 +217,12 @@ class EngineProcess:
     def __init__(self, checkpoint: str | Path, template: State, device: str = "cpu", *, slots: int,
                  max_batch: int = 64, prefill_tokens: int = 256, threads: int | None = None,
                  commit_wait: int | None = None, vocab_size: int,
-                 on_step: Callable[[StepStats], None] | None = None, start_timeout_s: float = 300.0) -> None:
+                 on_step: Callable[[StepStats], None] | None = None, start_timeout_s: float = 300.0,
+                 restart_delays_s: tuple[float, ...] = (1.0, 5.0, 25.0)) -> None:
         self.on_step = on_step
         self.vocab_size = vocab_size
         self.start_timeout_s = start_timeout_s
+        self.restart_delays_s = restart_delays_s  # waits between failed restarts; then it gives up
         self._template = template
         self.slots = StateSlots(slot_layout(template), slots + 1)  # the last one: the template
         self.slots.write(slots, template)
@@ -238,7 +240,8 @@ class EngineProcess:
         # socket, so the reader can always drain the child, and the child can always finish a step
         self._outbox: queue.SimpleQueue | None = None
         self._reader: threading.Thread | None = None
-        self.restarts = 0
+        self.restarts = 0  # children started after the first one died
+        self.failed = False  # the child died and could not be restarted
 
     # ---- life cycle ---------------------------------------------------------------------------
 
@@ -393,11 +396,18 @@ class EngineProcess:
             return
         log.error("engine process exited; restarting it", extra={"exit_code": code, "jobs_failed": len(self._jobs)})
         self._fail_all(EngineDied(f"the engine process exited (code {code})"))
-        self.restarts += 1
-        try:
-            self.start()
-        except Exception:
-            log.exception("could not restart the engine process")
+        for delay in (*self.restart_delays_s, None):
+            self.restarts += 1
+            try:
+                self.start()
+                return
+            except Exception:
+                log.exception("could not restart the engine process")
+            if delay is None or self._stopping:
+                break
+            time.sleep(delay)
+        # for good: /healthz fails, so that the orchestrator restarts the whole server
+        self.failed = True
 
     def _emit(self, jid: int, item: object) -> None:
         f = self._jobs.get(jid)

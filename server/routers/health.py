@@ -1,4 +1,5 @@
-"""Probes and metrics: /healthz (alive), /readyz (model loaded, engine up, store reachable), /metrics."""
+"""Probes and metrics: /healthz (alive: the engine can serve), /readyz (model loaded, engine up, store
+reachable), /metrics."""
 
 from __future__ import annotations
 
@@ -15,7 +16,11 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz", response_model=Health)
-async def healthz() -> Health:
+async def healthz(ctx: Ctx):
+    if isinstance(ctx.scheduler, EngineProcess) and ctx.scheduler.failed:
+        # the engine process died and every restart failed: only a new server can serve again
+        body = Health(status="unavailable", detail={"engine": "the engine process could not be restarted"})
+        return JSONResponse(body.model_dump(), status_code=503)
     return Health(status="ok")
 
 

@@ -6,6 +6,7 @@ is replaced."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
 import time
@@ -28,9 +29,9 @@ def close(a: list[float], b: list[float]) -> None:
     torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=ATOL, rtol=0)
 
 
-def start_process(engine, engine_dir, slots: int = 8) -> EngineProcess:
+def start_process(engine, engine_dir, slots: int = 8, **kwargs) -> EngineProcess:
     return EngineProcess(engine_dir, engine.new_session().state, slots=slots, max_batch=8, prefill_tokens=16,
-                         threads=1, vocab_size=engine.cfg.vocab_size).start()
+                         threads=1, vocab_size=engine.cfg.vocab_size, **kwargs).start()
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +165,22 @@ def test_a_child_that_dies_fails_its_jobs_and_is_replaced(engine, engine_dir):
     assert not p.alive
     with pytest.raises(RuntimeError, match="stopped"):
         p.submit(Job(engine.new_session(), [5], SamplingParams(max_tokens=1)))
+
+
+def test_a_child_that_cannot_be_restarted_marks_the_process_failed(engine, engine_dir, tmp_path):
+    """Its checkpoint gone, every restart fails; after the last one the process says so (the
+    server's /healthz then fails, so that the orchestrator restarts the server)."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(engine_dir, ckpt)
+    p = start_process(engine, ckpt, restart_delays_s=(0.05,))
+    try:
+        shutil.rmtree(ckpt)
+        os.kill(p.pid, signal.SIGKILL)
+        deadline = time.monotonic() + WAIT_S
+        while not p.failed and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert p.failed and not p.alive and p.restarts == 2  # the first try and one retry
+        with pytest.raises(EngineDied):
+            p.submit(Job(engine.new_session(), [5], SamplingParams(max_tokens=1)))
+    finally:
+        p.stop()

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 
 import pytest
 import torch
 
 from hope_core.engine_process import EngineProcess
+from server.app import load_engine
+from server.settings import Settings
 from tests.server.support import running_app
 
 pytestmark = pytest.mark.anyio
@@ -74,3 +77,25 @@ async def test_a_killed_engine_process_fails_the_request_and_commits_nothing(eng
         assert after["tokens_absorbed"] > before["tokens_absorbed"]
         failures = await api.metrics()
         assert 'hope_request_failure_total{reason="engine_unavailable"} 1.0' in failures
+
+
+async def test_an_engine_process_that_cannot_restart_fails_the_liveness_probe(tiny_checkpoint, tmp_path):
+    """Every restart fails (its checkpoint is gone): /healthz answers 503, so that the
+    orchestrator replaces the server, which cannot serve again by itself."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    engine = load_engine(Settings(checkpoint=str(ckpt), device="cpu"))
+    async with running_app(engine, engine_process=True, threads=1) as api:
+        proc = api.app.state.ctx.scheduler
+        proc.restart_delays_s = (0.05,)
+        assert (await api.client.get("/healthz")).status_code == 200
+        shutil.rmtree(ckpt)
+        os.kill(proc.pid, signal.SIGKILL)
+        for _ in range(600):
+            if proc.failed:
+                break
+            await asyncio.sleep(0.1)
+        r = await api.client.get("/healthz")
+        assert r.status_code == 503 and r.json()["detail"] == {"engine": "the engine process could not be restarted"}
+        assert (await api.client.get("/readyz")).status_code == 503
+        await api.chat("Anyone there?", session="x", expect=503)
