@@ -4,6 +4,7 @@ the store; the routes live in server.routers."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -55,8 +56,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         # with it (alternated server runs; docs/architecture.md).
         torch.set_num_threads(1)
         device = settings.resolved_device()
-        separate = settings.engine_process
-        # with the engine in a process of its own, this one keeps a CPU copy of the model: the
+        separate = settings.engine_process  # the scheduler in a child process
+        # with the engine in a child process, this one keeps a CPU copy of the model: the
         # tokenizer, fresh sessions, and decoding stored states (checked against the model)
         eng = engine or await asyncio.to_thread(load_engine, settings, "cpu" if separate else device)
         ctx.engine, ctx.model_id, ctx.created = eng, eng.checkpoint.name, int(time.time())
@@ -71,7 +72,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         except StoreUnavailable as e:  # serve anyway: /readyz says so, requests get 503 until it is back
             log.warning("session store unreachable at start-up", extra={"store": settings.store, "error": str(e)})
         ctx.sessions = SessionManager(eng, ctx.store, settings, ctx.metrics)
-        on_step = lambda stats: _count_step(ctx.metrics, stats)
+        on_step = functools.partial(_count_step, ctx.metrics)
         if separate:
             ctx.scheduler = await asyncio.to_thread(
                 EngineProcess(eng.checkpoint.path, eng.new_session().state, device,

@@ -30,7 +30,8 @@ async def readyz(ctx: Ctx):
     if ctx.engine is None:
         problems["model"] = "not loaded"
     if isinstance(ctx.scheduler, EngineProcess) and not ctx.scheduler.alive:
-        problems["engine"] = "the engine process is restarting"
+        problems["engine"] = ("the engine process could not be restarted" if ctx.scheduler.failed
+                              else "the engine process is restarting")
     if ctx.store is None:
         problems["store"] = "not open"
     else:
