@@ -218,8 +218,10 @@ class EngineProcess:
                  max_batch: int = 64, prefill_tokens: int = 256, threads: int | None = None,
                  commit_wait: int | None = None, vocab_size: int,
                  on_step: Callable[[StepStats], None] | None = None, start_timeout_s: float = 300.0,
-                 restart_delays_s: tuple[float, ...] = (1.0, 5.0, 25.0)) -> None:
+                 restart_delays_s: tuple[float, ...] = (1.0, 5.0, 25.0),
+                 on_exit: Callable[[int | None], None] | None = None) -> None:
         self.on_step = on_step
+        self.on_exit = on_exit  # called with the exit code of a child that died (for metrics)
         self.vocab_size = vocab_size
         self.start_timeout_s = start_timeout_s
         self.restart_delays_s = restart_delays_s  # waits between failed restarts; then it gives up
@@ -396,6 +398,8 @@ class EngineProcess:
             return
         log.error("engine process exited; restarting it", extra={"exit_code": code, "jobs_failed": len(self._jobs)})
         self._fail_all(EngineDied(f"the engine process exited (code {code})"))
+        if self.on_exit is not None:
+            self.on_exit(code)
         for delay in (*self.restart_delays_s, None):
             self.restarts += 1
             try:

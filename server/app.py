@@ -78,7 +78,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
                 EngineProcess(eng.checkpoint.path, eng.new_session().state, device,
                               slots=settings.max_concurrent_requests, max_batch=settings.max_batch_size,
                               prefill_tokens=settings.prefill_chunk_tokens, threads=threads,
-                              vocab_size=eng.cfg.vocab_size, on_step=on_step).start)
+                              vocab_size=eng.cfg.vocab_size, on_step=on_step,
+                              on_exit=lambda _code: ctx.metrics.engine_exits.inc()).start)
         else:
             ctx.scheduler = Scheduler(eng, max_batch=settings.max_batch_size,
                                       prefill_tokens=settings.prefill_chunk_tokens, threads=threads,

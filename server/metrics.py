@@ -77,6 +77,9 @@ class Metrics:
         self.step_seconds = Histogram("hope_scheduler_step_seconds",
                                       "Wall time of one scheduler step (prefill slice, batched decode, commits)",
                                       buckets=_TOKEN_LATENCY, registry=r)
+        self.engine_exits = Counter("hope_engine_process_exits",
+                                    "Engine processes that exited unexpectedly (HOPE_ENGINE_PROCESS); each is "
+                                    "restarted", registry=r)
         self.model_info = Info("hope_model", "The checkpoint being served", registry=r)
         for level in ("titans", "fast", "mid"):  # present from the start, at zero
             self.memory_updates.labels(level)

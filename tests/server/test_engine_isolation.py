@@ -77,6 +77,7 @@ async def test_a_killed_engine_process_fails_the_request_and_commits_nothing(eng
         assert after["tokens_absorbed"] > before["tokens_absorbed"]
         failures = await api.metrics()
         assert 'hope_request_failure_total{reason="engine_unavailable"} 1.0' in failures
+        assert "hope_engine_process_exits_total 1.0" in failures
 
 
 async def test_an_engine_process_that_cannot_restart_fails_the_liveness_probe(tiny_checkpoint, tmp_path):

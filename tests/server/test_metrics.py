@@ -15,7 +15,8 @@ pytestmark = pytest.mark.anyio
 
 COUNTERS = ["hope_prompt_tokens", "hope_generation_tokens", "hope_memory_updates", "hope_request_success",
             "hope_request_failure", "hope_session_version_conflicts", "hope_session_cache_hits",
-            "hope_session_cache_misses", "hope_session_cache_evictions", "hope_scheduler_steps"]
+            "hope_session_cache_misses", "hope_session_cache_evictions", "hope_scheduler_steps",
+            "hope_engine_process_exits"]
 HISTOGRAMS = ["hope_surprise", "hope_update_norm", "hope_time_to_first_token_seconds",
               "hope_inter_token_latency_seconds", "hope_e2e_request_latency_seconds", "hope_session_state_bytes",
               "hope_session_state_load_seconds", "hope_session_state_store_seconds", "hope_batch_size",
