@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import mmap
 import os
 import queue
@@ -72,7 +73,7 @@ class Field:
 
     @property
     def nbytes(self) -> int:
-        return _dtype(self.dtype).itemsize * _numel(self.shape)
+        return _dtype(self.dtype).itemsize * math.prod(self.shape)
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -80,13 +81,6 @@ def _dtype(name: str) -> torch.dtype:
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"not a torch dtype: {name!r}")
     return dtype
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def slot_layout(template: State) -> list[Field]:
@@ -108,6 +102,7 @@ class StateSlots:
 
     def __init__(self, fields: list[Field], n: int, fd: int | None = None) -> None:
         self.fields, self.n = fields, n
+        self.n_layers = 1 + max(int(f.name.split(".")[1]) for f in fields if f.name.startswith("layers."))
         last = fields[-1]
         self.slot_bytes = -(-(last.offset + last.nbytes) // ALIGN) * ALIGN
         size = self.slot_bytes * n
@@ -130,7 +125,7 @@ class StateSlots:
         for f in self.fields:
             raw = self._bytes[base + f.offset: base + f.offset + f.nbytes]
             out[f.name] = raw.view(_dtype(f.dtype)).view(f.shape)
-        return State.from_tensors(out, _n_layers(self.fields))
+        return State.from_tensors(out, self.n_layers)
 
     def write(self, slot: int, state: State) -> None:
         dst = self.view(slot).tensors()
@@ -147,10 +142,6 @@ class StateSlots:
         del self._bytes
         self._mmap.close()
         os.close(self.fd)
-
-
-def _n_layers(fields: list[Field]) -> int:
-    return 1 + max(int(f.name.split(".")[1]) for f in fields if f.name.startswith("layers."))
 
 
 # ---- the wire -------------------------------------------------------------------------------------
@@ -183,10 +174,6 @@ def _item_from_wire(item: list[Any]) -> object:
     if item[0] == "token":
         return TokenEvent(*item[1:])
     return PromptAbsorbed(*item[1:])
-
-
-def _result_to_wire(res: JobResult) -> dict[str, Any]:
-    return asdict(res)
 
 
 def _result_from_wire(d: dict[str, Any]) -> JobResult:
@@ -237,7 +224,6 @@ class EngineProcess:
         self._next_id = 0
         self._stopping = False
         self._proc: subprocess.Popen | None = None
-        self._conn: Connection | None = None
         # sends go through a queue and a thread of their own: a caller never blocks on a full
         # socket, so the reader can always drain the child, and the child can always finish a step
         self._outbox: queue.SimpleQueue | None = None
@@ -271,7 +257,7 @@ class EngineProcess:
         outbox: queue.SimpleQueue = queue.SimpleQueue()
         threading.Thread(target=self._write, args=(conn, outbox), name="hope-engine-writer", daemon=True).start()
         with self._lock:
-            self._conn, self._outbox = conn, outbox
+            self._outbox = outbox
             if self._stopping:  # stopped while this child started (a restart)
                 outbox.put({"op": "stop"})
         self._reader = threading.Thread(target=self._read, args=(conn,), name="hope-engine-reader", daemon=True)
@@ -306,7 +292,7 @@ class EngineProcess:
     @property
     def alive(self) -> bool:
         """Whether a child is up and taking jobs (false while one restarts)."""
-        return self._conn is not None and self._proc is not None and self._proc.poll() is None
+        return self._outbox is not None and self._proc is not None and self._proc.poll() is None
 
     @property
     def busy(self) -> int:
@@ -389,7 +375,7 @@ class EngineProcess:
             if stats is not None and self.on_step is not None:
                 self.on_step(StepStats(*stats))
         with self._lock:
-            stopping, self._conn = self._stopping, None
+            stopping = self._stopping
             if self._outbox is not None:
                 self._outbox.put(None)  # the writer closes the connection
             self._outbox = None
@@ -530,7 +516,7 @@ class _Core:
             self.items.append(["done", jid, {"error": [type(error).__name__, str(error)]}])
             return
         self.slots.write(slot, job.session.state)
-        self.items.append(["done", jid, {"result": _result_to_wire(future.result())}])
+        self.items.append(["done", jid, {"result": asdict(future.result())}])
 
 
 def main(argv: list[str] | None = None) -> None:
