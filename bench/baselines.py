@@ -10,6 +10,10 @@ as many parameters as the HOPE checkpoint, decoded two ways.
 Weights are random: decode speed does not depend on what the weights say, and a trained GPT-2 of
 this size would have to be trained first. On CUDA both run in bf16, as a frozen model would be
 served; on CPU in fp32 (CPU bf16 matmuls are slower, not faster).
+
+The KV loop also runs at batch 1 with every width divided by `NARROW` (`narrow_config`): the same
+ops on 1/64 of the arithmetic, so its time is what the loop's eager ops cost before any arithmetic
+(HOPE's engine is measured the same way, `bench.engine_speed.narrow_engine`).
 """
 
 from __future__ import annotations
@@ -52,6 +56,21 @@ def matching_config(target_params: int, vocab_size: int = 4096, d_model: int = 2
     base = GPTConfig(vocab_size, d_model, 1, n_heads, n_positions)
     return min((replace(base, n_layers=n) for n in range(1, 97)),
                key=lambda c: abs(c.n_params() - target_params))
+
+
+NARROW = 8  # the widths' divisor of the narrow models that measure per-op overhead
+
+
+def narrow_d_model(d_model: int, n_heads: int, factor: int = NARROW) -> int:
+    """d_model / factor, rounded down to whole heads of an even width (rotary embeddings pair
+    their dimensions), and at least one such head each."""
+    step = 2 * n_heads
+    return max(step, d_model // factor // step * step)
+
+
+def narrow_config(cfg: GPTConfig, factor: int = NARROW) -> GPTConfig:
+    """The same layers, heads and vocabulary with d_model divided by `factor`."""
+    return replace(cfg, d_model=narrow_d_model(cfg.d_model, cfg.n_heads, factor))
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,7 +302,7 @@ def hf_generate_speed(model, batch: int, prompt_len: int, new_tokens: int, reps:
 
 @dataclass
 class BaselineRow:
-    method: str  # "kv_loop" or "hf_generate"
+    method: str  # "kv_loop", "hf_generate" or "kv_loop_narrow" (narrow_config)
     batch: int
     tokens_per_s: float | None  # None: not run (see note)
     note: str = ""
@@ -324,6 +343,10 @@ def run(target_params: int, batches: list[int], prompt_tokens: int = 16, new_tok
         tps = kv_loop_speed(model, b, prompt_tokens, new_tokens, reps=reps)
         res.rows.append(BaselineRow("kv_loop", b, tps))
         log(f"baseline kv_loop     batch {b:>3}: {tps:10.1f} tok/s")
+    narrow = narrow_config(cfg)
+    tps = kv_loop_speed(build_model(narrow, device), 1, prompt_tokens, new_tokens, reps=reps)
+    res.rows.append(BaselineRow("kv_loop_narrow", 1, tps, f"d_model {narrow.d_model}"))
+    log(f"baseline kv_loop, widths / {NARROW}, batch 1: {tps:10.1f} tok/s")
     hf_model = build_hf_model(cfg, device) if hf else None
     for b in batches:
         if hf_model is None:

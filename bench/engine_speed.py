@@ -7,17 +7,24 @@
   `max_tokens` tokens with learning on. Aggregate tokens/s = generated tokens / wall time from the
   first submit to the last result (prefill included, as `vllm bench` counts output throughput).
   Decode step times come from the scheduler's `on_step` statistics: the GPU roofline uses them.
+* The per-op floor: one session through the scheduler on a model with the checkpoint's layout and
+  every width divided by `NARROW` (random weights): the same ops on 1/64 of the arithmetic, so
+  its decode time is what the eager ops cost before any arithmetic.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+import torch
+
+from bench.baselines import NARROW, narrow_d_model
+from hope_core.checkpoint import Checkpoint
 from hope_core.engine import Engine
 from hope_core.evaluate import decode_speed
-from hope_core.model import Learning
+from hope_core.model import HopeLM, Learning
 from hope_core.sampling import SamplingParams
 
 PROMPT_TEXT = "The sea was calm that morning, and the old lighthouse keeper wrote in his book about the"
@@ -79,6 +86,7 @@ class EngineResults:
     learning_one: ConcurrencyRow | None = None
     frozen_one: ConcurrencyRow | None = None
     scheduler_pairs: list[float] = field(default_factory=list)  # on / off decode, back to back
+    narrow_one: ConcurrencyRow | None = None  # one session, learning on, widths / NARROW (the per-op floor)
     reps: int = 1  # runs of each measurement
 
     @property
@@ -202,7 +210,25 @@ def run(engine: Engine, levels: list[int], single_tokens: int, concurrent_tokens
         f"(median of {reps} pairs)")
     if engine.device.type == "cpu":  # with CUDA graphs, full chunks always commit at once
         out_of_phase(engine, min(16, max(levels)), concurrent_tokens, reps, res, log, threads)
+    narrow = narrow_engine(engine)
+    res.narrow_one = max(concurrency(narrow, [1], concurrent_tokens, log=lambda *_: None, threads=threads,
+                                     reps=reps), key=lambda r: r.decode_tokens_per_s or 0)
+    if res.narrow_one.step_s:
+        log(f"engine one session, widths / {NARROW} (per-op floor): decode step "
+            f"{res.narrow_one.step_s * 1e3:.2f} ms ({res.narrow_one.decode_tokens_per_s:.1f} tok/s)")
     return res
+
+
+def narrow_engine(engine: Engine, factor: int = NARROW) -> Engine:
+    """An engine on a model with `engine`'s layers, heads, chunk, window and vocabulary, every
+    width divided by `factor`, and random weights (speed does not depend on what they say)."""
+    cfg = engine.cfg
+    narrow = replace(cfg, d_model=narrow_d_model(cfg.d_model, cfg.n_heads, factor),
+                     mem_hidden=max(1, cfg.mem_hidden // factor), slow_hidden=cfg.slow_hidden // factor,
+                     mid_hidden=max(1, cfg.mid_hidden // factor), fast_hidden=max(1, cfg.fast_hidden // factor))
+    torch.manual_seed(0)
+    ckpt = engine.checkpoint
+    return Engine(Checkpoint(HopeLM(narrow), ckpt.tokenizer, f"narrow/{factor}", ckpt.path), device=engine.device)
 
 
 def out_of_phase(engine: Engine, n: int, n_tokens: int, reps: int, res: EngineResults, log=print,

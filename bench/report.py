@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from bench.baselines import BaselineResults
+from bench.baselines import NARROW, BaselineResults
 from bench.engine_speed import EngineResults
 from bench.gpu import GpuResults
 from bench.http_load import HttpResults
@@ -214,7 +214,36 @@ def _baselines(r: BenchResults) -> list[str]:
                      _f(hope / hf, 2, suffix="x") if hope and hf else "-"])
     out += _table(["batch", "HOPE learning on", "plain KV loop", "HF generate", "HOPE / KV loop", "HOPE / generate"],
                   rows)
-    return out
+    return out + _floor(r)
+
+
+def _floor(r: BenchResults) -> list[str]:
+    """Batch 1 at full width against the same ops on narrow models (widths / NARROW): how much of
+    a token's time the eager ops cost before any arithmetic."""
+    e, b = r.engine, r.baselines
+    hope_full, src = r.hope_decode(1)
+    hope_narrow = e.narrow_one.decode_tokens_per_s if e and e.narrow_one else None
+    kv_full = b.speed("kv_loop", 1) if b else None
+    kv_narrow = b.speed("kv_loop_narrow", 1) if b else None
+    if not (hope_full and hope_narrow and kv_full and kv_narrow and src == "scheduler"):
+        return []
+    ms = [1e3 / x for x in (hope_full, hope_narrow, kv_full, kv_narrow)]
+    out = ["### Batch 1 before any arithmetic", "",
+           f"The same models with every width divided by {NARROW} (random weights): the same ops on 1/64 of the "
+           "arithmetic, so a narrow model's time per token is what its eager ops cost. HOPE: one session through "
+           "the scheduler, learning on (a decode step and a sixteenth of a commit, its re-forward and backward, per "
+           "token); the KV loop at batch 1.", ""]
+    out += _table(["", "ms per token, full width", f"ms per token, widths / {NARROW}", "narrow / full"],
+                  [["HOPE learning on", _f(ms[0], 2), _f(ms[1], 2), _f(ms[1] / ms[0], 2)],
+                   ["plain KV loop", _f(ms[2], 2), _f(ms[3], 2), _f(ms[3] / ms[2], 2)]])
+    if ms[1] >= ms[2]:
+        verdict = (f"HOPE's ops alone ({ms[1]:.2f} ms a token) take longer than the KV loop's whole token "
+                   f"({ms[2]:.2f} ms): at batch 1 on this device no saving of arithmetic reaches the KV loop, only "
+                   "fewer launched ops per token (kernels fused by a compiler; on the GPU path, CUDA graphs).")
+    else:
+        verdict = (f"HOPE's ops alone take {ms[1]:.2f} ms of its {ms[0]:.2f} ms a token; the KV loop's whole "
+                   f"token takes {ms[2]:.2f} ms.")
+    return [*out, verdict]
 
 
 def _state_io(s: StateIOResults) -> list[str]:

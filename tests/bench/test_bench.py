@@ -15,6 +15,7 @@ from bench import baselines, gpu, http_load, state_io
 from bench.timing import percentile
 from hope_core.checkpoint import load_checkpoint
 from hope_core.engine import Engine
+from hope_core.sampling import SamplingParams
 from tests.server.support import REDIS_URL, make_checkpoint, redis_available
 
 
@@ -59,6 +60,27 @@ def test_kv_cache_loop_decodes_like_full_recompute() -> None:
         ref = model(torch.cat([prompt, toks], 1))[:, -1]
     torch.testing.assert_close(dec.logits, ref, rtol=1e-4, atol=1e-5)
     assert baselines.kv_loop_speed(model, 2, 8, 8) > 0
+
+
+def test_narrow_models_keep_the_ops_and_shrink_the_arithmetic(tiny: Path) -> None:
+    from bench.engine_speed import narrow_engine
+
+    engine = Engine(load_checkpoint(tiny))
+    narrow = narrow_engine(engine)
+    keep = ("n_layers", "n_heads", "chunk", "window", "mid_period", "vocab_size", "self_modifying")
+    assert all(getattr(narrow.cfg, k) == getattr(engine.cfg, k) for k in keep)
+    assert narrow.cfg.d_model * baselines.NARROW == engine.cfg.d_model
+    assert narrow.cfg.head_dim % 2 == 0
+    n_full = sum(p.numel() for p in engine.model.parameters())
+    assert sum(p.numel() for p in narrow.model.parameters()) < n_full / 4
+    # it serves like any engine: a chunk closes and learns
+    gen = narrow.generate(narrow.new_session(), [5] * 20, SamplingParams(max_tokens=8, seed=0))
+    list(gen)
+    out = gen.result
+    assert 1 <= len(out.token_ids) <= 8 and out.updates
+    gpt = baselines.narrow_config(baselines.GPTConfig(d_model=256, n_heads=4))
+    assert (gpt.d_model, gpt.n_heads, gpt.n_layers) == (32, 4, 6)
+    assert baselines.narrow_d_model(16, 4) == 8  # at least one even-width head each
 
 
 def test_state_io_measures_every_store(tiny: Path) -> None:
@@ -123,7 +145,10 @@ def test_quick_run_writes_the_report(tiny: Path, tmp_path: Path, capsys: pytest.
     data = json.loads(js.read_text())
     assert data["engine"]["single"]["learn_on"] > 0
     assert data["baselines"]["rows"][0]["tokens_per_s"] > 0
+    assert any(r["method"] == "kv_loop_narrow" and r["tokens_per_s"] > 0 for r in data["baselines"]["rows"])
     assert data["failed"] == {}
     if data["engine"]["concurrency"]:  # the scheduler is there
         assert "## Concurrent sessions" in text
         assert [r["sessions"] for r in data["engine"]["concurrency"]] == [1, 2]
+        assert data["engine"]["narrow_one"]["step_s"] > 0
+        assert "### Batch 1 before any arithmetic" in text
