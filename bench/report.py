@@ -243,7 +243,7 @@ def _floor(r: BenchResults) -> list[str]:
     else:
         verdict = (f"HOPE's ops alone take {ms[1]:.2f} ms of its {ms[0]:.2f} ms a token; the KV loop's whole "
                    f"token takes {ms[2]:.2f} ms.")
-    return [*out, verdict]
+    return [*out, verdict, ""]
 
 
 def _state_io(s: StateIOResults) -> list[str]:
