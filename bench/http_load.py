@@ -11,7 +11,10 @@ Measured per level:
 * TTFT: request sent -> first chunk with text (the prompt absorbed and one token made);
 * ITL: the gaps between successive chunks with text. A token whose text is held back (partial
   UTF-8, a possible stop string) arrives with the next one, so an ITL can span two tokens;
-* errors: any status other than 200, an error event in the stream, a stream cut short.
+* errors: any status other than 200, an error event in the stream, a stream cut short;
+* CPU: the server's and this load generator's CPU time over the level's wall time, in cores (the
+  generator shares the machine, as `vllm bench serve` does; the server's only when this process
+  started it, read from /proc: an engine process of its own is not counted).
 
 `HopeServer` starts `hope serve` as a subprocess on a free loopback port with the in-memory store
 and limits set high enough for the levels, waits for /readyz, and stops it afterwards; with
@@ -82,6 +85,12 @@ class LevelResult:
     itl_p50: float
     itl_p99: float
     first_error: str = ""
+    server_cpu_s: float | None = None  # CPU time the server process used during the level
+    client_cpu_s: float | None = None  # ... and this load generator
+
+    def cores(self, cpu_s: float | None) -> float | None:
+        """CPU seconds over the level's wall time: how many cores it kept busy."""
+        return cpu_s / self.seconds if cpu_s is not None and self.seconds > 0 else None
 
     @property
     def tokens_per_s(self) -> float:
@@ -148,7 +157,20 @@ async def one_request(client: httpx.AsyncClient, session_id: str, cfg: LoadConfi
 
 # ---- one concurrency level -----------------------------------------------------------------------------
 
-async def run_level(client: httpx.AsyncClient, concurrency: int, cfg: LoadConfig, tag: str) -> LevelResult:
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU time of process `pid` so far (Linux /proc), or None."""
+    if pid is None:
+        return None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+async def run_level(client: httpx.AsyncClient, concurrency: int, cfg: LoadConfig, tag: str,
+                    server_pid: int | None = None) -> LevelResult:
     n, rate = cfg.n_requests(concurrency), cfg.rate(concurrency)
     rng = random.Random(cfg.seed + concurrency)
     arrivals, t = [], 0.0
@@ -156,6 +178,7 @@ async def run_level(client: httpx.AsyncClient, concurrency: int, cfg: LoadConfig
         arrivals.append(t)
         t += rng.expovariate(rate)
     slots = asyncio.Semaphore(concurrency)
+    server0, client0 = cpu_seconds(server_pid), time.process_time()
     start = time.perf_counter()
 
     async def request(i: int, at: float) -> RequestResult:
@@ -165,17 +188,20 @@ async def run_level(client: httpx.AsyncClient, concurrency: int, cfg: LoadConfig
 
     results = await asyncio.gather(*(request(i, at) for i, at in enumerate(arrivals)))
     seconds = time.perf_counter() - start
+    client_cpu = time.process_time() - client0
+    server1 = cpu_seconds(server_pid)
     ok = [r for r in results if r.ok]
     ttfts = [r.ttft for r in ok]
     itls = [x for r in ok for x in r.itls]
     errors = [r.error for r in results if not r.ok]
     return LevelResult(concurrency, rate, n, len(errors), seconds, sum(r.output_tokens for r in ok),
                        percentile(ttfts, 50), percentile(ttfts, 99), percentile(itls, 50), percentile(itls, 99),
-                       errors[0] if errors else "")
+                       errors[0] if errors else "",
+                       server1 - server0 if server0 is not None and server1 is not None else None, client_cpu)
 
 
-async def run_levels(base_url: str, cfg: LoadConfig, log=print, into: list[LevelResult] | None = None
-                     ) -> list[LevelResult]:
+async def run_levels(base_url: str, cfg: LoadConfig, log=print, into: list[LevelResult] | None = None,
+                     server_pid: int | None = None) -> list[LevelResult]:
     tag = uuid.uuid4().hex[:8]  # fresh session ids even against a server that keeps its sessions
     limits = httpx.Limits(max_connections=max(cfg.levels) + 8, max_keepalive_connections=max(cfg.levels) + 8)
     async with httpx.AsyncClient(base_url=base_url, timeout=cfg.timeout_s, limits=limits) as client:
@@ -184,7 +210,7 @@ async def run_levels(base_url: str, cfg: LoadConfig, log=print, into: list[Level
             raise RuntimeError(f"warm-up request failed: {warm.error}")
         out = [] if into is None else into
         for n in cfg.levels:
-            r = await run_level(client, n, cfg, tag)
+            r = await run_level(client, n, cfg, tag, server_pid)
             out.append(r)
             err = f", {r.errors} errors ({r.first_error})" if r.errors else ""
             log(f"http {n:>3} concurrent: {r.tokens_per_s:9.1f} tok/s, TTFT p50 {r.ttft_p50 * 1e3:.0f} ms "
@@ -290,7 +316,7 @@ def run(cfg: LoadConfig, url: str | None = None, checkpoint: str | None = None, 
         if publish:
             publish(res)
         try:
-            asyncio.run(run_levels(server.base_url, cfg, log, into=res.levels))
+            asyncio.run(run_levels(server.base_url, cfg, log, into=res.levels, server_pid=server.proc.pid))
         except RuntimeError as e:
             raise RuntimeError(f"{e}\nserver log:\n{server.log_tail()}") from None
         errors = any(level.errors for level in res.levels)

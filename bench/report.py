@@ -176,15 +176,17 @@ def _http(h: HttpResults) -> list[str]:
     out = ["## HTTP serving with Poisson arrivals", "",
            f"Against {server}: streaming chat completions, each request its own session (learning, committed),",
            f"exactly {h.max_tokens} tokens (`ignore_eos`); Poisson arrivals at the request rate shown, at most N in",
-           "flight. TTFT: request sent to first text; ITL: gap between text chunks.", ""]
+           "flight. TTFT: request sent to first text; ITL: gap between text chunks. CPU: the server's and the load",
+           "generator's CPU time over the level's wall time, in cores (both on this machine).", ""]
     one = h.at(1)
     rows = []
     for r in h.levels:
         rows.append([str(r.concurrency), _f(r.request_rate, 0), str(r.requests), str(r.errors), _f(r.tokens_per_s),
                      _f(r.tokens_per_s / one.tokens_per_s, 2, suffix="x") if one and one.tokens_per_s else "-",
-                     _f(r.ttft_p50, 0, 1e3), _f(r.ttft_p99, 0, 1e3), _f(r.itl_p50, 1, 1e3), _f(r.itl_p99, 1, 1e3)])
+                     _f(r.ttft_p50, 0, 1e3), _f(r.ttft_p99, 0, 1e3), _f(r.itl_p50, 1, 1e3), _f(r.itl_p99, 1, 1e3),
+                     _f(r.cores(r.server_cpu_s), 2), _f(r.cores(r.client_cpu_s), 2)])
     out += _table(["concurrency", "req/s", "requests", "errors", "tokens/s", "speedup vs 1", "TTFT p50 ms",
-                   "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms"], rows)
+                   "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "server CPU", "client CPU"], rows)
     return out
 
 

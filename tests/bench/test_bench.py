@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -125,6 +126,17 @@ def test_http_load_against_a_real_server(tiny: Path) -> None:
     assert level.tokens_per_s > 0
     assert 0 < level.ttft_p50 <= level.ttft_p99
     assert 0 < level.itl_p50 <= level.itl_p99
+    # the server decoded: it used CPU time, as the load generator did
+    assert level.server_cpu_s is not None and level.server_cpu_s > 0
+    assert level.client_cpu_s is not None and level.client_cpu_s > 0
+    assert 0 < level.cores(level.server_cpu_s) < os.cpu_count() + 1
+
+
+def test_cpu_seconds_reads_a_process() -> None:
+    busy = http_load.cpu_seconds(os.getpid())
+    assert busy is not None and busy > 0
+    assert http_load.cpu_seconds(None) is None
+    assert http_load.cpu_seconds(2**22 + 12345) is None  # no such process
 
 
 def test_quick_run_writes_the_report(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
