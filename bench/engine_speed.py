@@ -226,9 +226,11 @@ def narrow_engine(engine: Engine, factor: int = NARROW) -> Engine:
     narrow = replace(cfg, d_model=narrow_d_model(cfg.d_model, cfg.n_heads, factor),
                      mem_hidden=max(1, cfg.mem_hidden // factor), slow_hidden=cfg.slow_hidden // factor,
                      mid_hidden=max(1, cfg.mid_hidden // factor), fast_hidden=max(1, cfg.fast_hidden // factor))
-    torch.manual_seed(0)
+    with torch.random.fork_rng(devices=[]):  # the same weights every run; the caller's generator untouched
+        torch.manual_seed(0)
+        model = HopeLM(narrow)
     ckpt = engine.checkpoint
-    return Engine(Checkpoint(HopeLM(narrow), ckpt.tokenizer, f"narrow/{factor}", ckpt.path), device=engine.device)
+    return Engine(Checkpoint(model, ckpt.tokenizer, f"narrow/{factor}", ckpt.path), device=engine.device)
 
 
 def out_of_phase(engine: Engine, n: int, n_tokens: int, reps: int, res: EngineResults, log=print,
