@@ -223,9 +223,9 @@ def narrow_engine(engine: Engine, factor: int = NARROW) -> Engine:
     """An engine on a model with `engine`'s layers, heads, chunk, window and vocabulary, every
     width divided by `factor`, and random weights (speed does not depend on what they say)."""
     cfg = engine.cfg
+    hidden = ("mem_hidden", "slow_hidden", "mid_hidden", "fast_hidden")
     narrow = replace(cfg, d_model=narrow_d_model(cfg.d_model, cfg.n_heads, factor),
-                     mem_hidden=max(1, cfg.mem_hidden // factor), slow_hidden=cfg.slow_hidden // factor,
-                     mid_hidden=max(1, cfg.mid_hidden // factor), fast_hidden=max(1, cfg.fast_hidden // factor))
+                     **{k: max(1, getattr(cfg, k) // factor) for k in hidden})
     with torch.random.fork_rng(devices=[]):  # the same weights every run; the caller's generator untouched
         torch.manual_seed(0)
         model = HopeLM(narrow)
