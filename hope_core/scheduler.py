@@ -214,9 +214,7 @@ class Scheduler:
         for r in [r for r in self._prefill if r.cancelled]:
             self._prefill.remove(r)
             self._end(r, Cancelled())
-        for r in [r for r in self._decoding if r.cancelled]:
-            self._leave(r)
-            self._end(r, Cancelled())
+        self._finish([(r, Cancelled()) for r in self._decoding if r.cancelled])
         n_prefill = self._prefill_step()
         n_decode = len(self._decoding)
         if n_decode:
@@ -318,9 +316,7 @@ class Scheduler:
                     r.closing = True  # one more step, then it leaves
                 else:
                     finished.append((r, None))
-        for r, err in finished:
-            self._leave(r)
-            self._end(r, err)
+        self._finish(finished)
 
     def _attach(self, commits) -> None:
         """Each commit's updates go to the job of each row it committed."""
@@ -333,6 +329,17 @@ class Scheduler:
                     owner.close_updates += _records(metrics, i)
                 else:
                     owner.decode_updates += _records(metrics, i)
+
+    def _finish(self, finished: list[tuple[_Running, BaseException | None]]) -> None:
+        """Take the finished jobs out of the decode batch, then end them. Their futures are set
+        only once every row is out: a future wakes the HTTP side (encoding and storing the
+        state), whose Python work would hold the GIL between the leaves' many small copies (16
+        leaves took 250-450 ms in the server against 20 ms alone). From the last row back, a
+        leave moves no other row into its hole when the batch empties."""
+        for r, _ in sorted(finished, key=lambda f: self._decoding.index(f[0]), reverse=True):
+            self._leave(r)
+        for r, err in finished:
+            self._end(r, err)
 
     def _leave(self, r: _Running) -> None:
         # rows move inside the batch (joins, leaves, commits that wait): look it up

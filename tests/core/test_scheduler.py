@@ -101,6 +101,29 @@ def test_sessions_leave_the_scheduler_with_memory_of_their_own(engine):
             assert t.untyped_storage().nbytes() == t.nbytes, f"session {i}: {name} views a larger tensor"
 
 
+def test_jobs_that_finish_together_leave_the_batch_before_any_of_them_ends(engine):
+    """A finished job's future wakes its consumer (the server encodes and stores the state);
+    every row that finishes in a step is out of the batch first, taken from the last row back,
+    so no row is moved to fill a hole in a batch that empties."""
+    sched = Scheduler(engine)
+    sessions = [engine.new_session() for _ in range(4)]
+    futures = [sched.submit(Job(s, list(range(200, 209)), SamplingParams(max_tokens=6, seed=i)))
+               for i, s in enumerate(sessions)]
+    rows_when_ended: list[int] = []
+    for f in futures:
+        f.add_done_callback(lambda _: rows_when_ended.append(sched.batch.n))
+    moved: list[tuple[int, int]] = []
+    move = sched.batch._move
+    sched.batch._move = lambda src, dst: (moved.append((src, dst)), move(src, dst))[1]
+    run_to_end(sched, futures)
+    assert rows_when_ended == [0, 0, 0, 0]
+    assert moved == []
+    for (s, f), i in zip(zip(sessions, futures), range(4)):
+        ref, ref_session = alone(engine, list(range(200, 209)), SamplingParams(max_tokens=6, seed=i))
+        assert f.result().generation.token_ids == ref.token_ids
+        assert_same_state(s, ref_session)
+
+
 def test_close_turn_is_absorbed_after_a_reply_cut_by_max_tokens(engine):
     prompt, params = [300, 301, 302], SamplingParams(max_tokens=5, seed=3)
     session = engine.new_session()
