@@ -16,6 +16,9 @@ Measured per level:
   generator shares the machine, as `vllm bench serve` does; the server's only when this process
   started it, read from /proc: an engine process of its own is not counted).
 
+`engine_alone` runs the same requests on the engine's scheduler in this process, all arriving
+together and with no HTTP or store: set beside the HTTP table, it shows what serving costs.
+
 `HopeServer` starts `hope serve` as a subprocess on a free loopback port with the in-memory store
 and limits set high enough for the levels, waits for /readyz, and stops it afterwards; with
 `--url` an already running server is used instead.
@@ -33,6 +36,7 @@ import sys
 import tempfile
 import time
 import uuid
+from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,12 +102,27 @@ class LevelResult:
 
 
 @dataclass
+class EngineAloneLevel:
+    """A level's requests on the engine's scheduler in this process: no HTTP, no store."""
+
+    concurrency: int
+    requests: int
+    output_tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.output_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
 class HttpResults:
     url: str
     device: str
     max_tokens: int
     levels: list[LevelResult] = field(default_factory=list)
     engine_process: str = ""  # "true" when the server ran its scheduler in an engine process
+    engine_alone: list[EngineAloneLevel] = field(default_factory=list)  # the same requests, no HTTP
 
     def at(self, concurrency: int) -> LevelResult | None:
         return next((r for r in self.levels if r.concurrency == concurrency), None)
@@ -219,6 +238,53 @@ async def run_levels(base_url: str, cfg: LoadConfig, log=print, into: list[Level
         return out
 
 
+# ---- the same requests on the engine alone ------------------------------------------------------------------
+
+def engine_alone(engine, cfg: LoadConfig, threads: int | None = None, log=print) -> list[EngineAloneLevel]:
+    """Each level's requests on `engine`'s scheduler (a thread of its own, as the server runs it),
+    built as the server builds them: the user message in the chat template, `max_tokens` tokens
+    with no stop token (`ignore_eos`), learning on, the reply closed with the end-of-message token.
+    N jobs start at once and each one that ends is followed at once by the next, up to the
+    level's number of requests: the arrivals that batch best, and no HTTP, no state encoding, no
+    store. Set beside the HTTP table, it separates what the engine does with this workload from
+    what serving it over HTTP with Poisson arrivals costs."""
+    # here, not at the top: against a remote server (`--url`) this module needs no model
+    from hope_core.sampling import SamplingParams
+    from hope_core.scheduler import Job, Scheduler
+
+    tok = engine.tokenizer
+    prompt = [*tok.encode_message("user", cfg.prompt), tok.role_ids["assistant"]]
+
+    def job(seed: int) -> Job:
+        params = SamplingParams(max_tokens=cfg.max_tokens, temperature=1.0, seed=seed, stop_token_ids=[])
+        return Job(engine.new_session(), prompt, params, close_turn=tok.end_id)
+
+    sched = Scheduler(engine, max_batch=max(cfg.levels), threads=threads).start()
+    out = []
+    try:
+        sched.submit(job(cfg.seed)).result()  # warm-up: the prompt's chunk commit and a decode step
+        for n in cfg.levels:
+            total = cfg.n_requests(n)
+            t0 = time.perf_counter()
+            running = {sched.submit(job(cfg.seed + i)) for i in range(min(n, total))}
+            started, tokens = len(running), 0
+            while running:
+                done, running = wait(running, return_when=FIRST_COMPLETED)
+                for f in done:
+                    gen = f.result().generation
+                    tokens += len(gen.token_ids) if gen is not None else 0
+                    if started < total:
+                        running.add(sched.submit(job(cfg.seed + started)))
+                        started += 1
+            level = EngineAloneLevel(n, total, tokens, time.perf_counter() - t0)
+            log(f"http workload on the engine alone, {n:>3} at once: {level.tokens_per_s:9.1f} tok/s "
+                f"({total} requests)")
+            out.append(level)
+    finally:
+        sched.stop()
+    return out
+
+
 # ---- the server ------------------------------------------------------------------------------------------
 
 def free_port() -> int:
@@ -299,10 +365,15 @@ def model_info(base_url: str) -> dict[str, str]:
 
 
 def run(cfg: LoadConfig, url: str | None = None, checkpoint: str | None = None, device: str = "cpu",
-        threads: int | None = None, log=print, publish=None) -> HttpResults:
-    """`publish(results)` is called once the server is up; levels are appended as they finish."""
+        threads: int | None = None, log=print, publish=None,
+        alone: list[EngineAloneLevel] | None = None) -> HttpResults:
+    """`publish(results)` is called once the server is up; levels are appended as they finish.
+    `alone`: the same requests on the engine alone (`engine_alone`), measured before, reported
+    with these."""
+    alone = alone or []
     if url:
-        res = HttpResults(url, "remote", cfg.max_tokens, engine_process=model_info(url).get("engine_process", ""))
+        res = HttpResults(url, "remote", cfg.max_tokens, engine_process=model_info(url).get("engine_process", ""),
+                          engine_alone=alone)
         if publish:
             publish(res)
         asyncio.run(run_levels(url.rstrip("/"), cfg, log, into=res.levels))
@@ -312,7 +383,7 @@ def run(cfg: LoadConfig, url: str | None = None, checkpoint: str | None = None, 
     try:
         log(f"http: hope serve on {server.base_url} (device {device}, memory store)")
         res = HttpResults(server.base_url, device, cfg.max_tokens,
-                          engine_process=model_info(server.base_url).get("engine_process", ""))
+                          engine_process=model_info(server.base_url).get("engine_process", ""), engine_alone=alone)
         if publish:
             publish(res)
         try:

@@ -187,6 +187,24 @@ def _http(h: HttpResults) -> list[str]:
                      _f(r.cores(r.server_cpu_s), 2), _f(r.cores(r.client_cpu_s), 2)])
     out += _table(["concurrency", "req/s", "requests", "errors", "tokens/s", "speedup vs 1", "TTFT p50 ms",
                    "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "server CPU", "client CPU"], rows)
+    if h.engine_alone:
+        out += _engine_alone(h)
+    return out
+
+
+def _engine_alone(h: HttpResults) -> list[str]:
+    out = ["### The same requests on the engine alone", "",
+           "Each level's requests on the engine's scheduler in the benchmark's process, with the server's chat",
+           "prompt, token count and learning: N start at once and each that ends is followed at once by the",
+           "next, so they arrive as they batch best; no HTTP, no state encoding, no store.", ""]
+    base = next((r for r in h.engine_alone if r.concurrency == 1), None)
+    rows = []
+    for r in h.engine_alone:
+        served = h.at(r.concurrency)
+        rows.append([str(r.concurrency), str(r.requests), _f(r.tokens_per_s),
+                     _f(r.tokens_per_s / base.tokens_per_s, 2, suffix="x") if base and base.tokens_per_s else "-",
+                     _f(served.tokens_per_s / r.tokens_per_s, 2) if served and r.tokens_per_s else "-"])
+    out += _table(["concurrency", "requests", "tokens/s", "speedup vs 1", "HTTP / engine alone"], rows)
     return out
 
 

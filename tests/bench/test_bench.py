@@ -132,6 +132,27 @@ def test_http_load_against_a_real_server(tiny: Path) -> None:
     assert 0 < level.cores(level.server_cpu_s) < os.cpu_count() + 1
 
 
+def test_the_http_requests_on_the_engine_alone(tiny: Path) -> None:
+    engine = Engine(load_checkpoint(tiny))
+    cfg = http_load.LoadConfig(levels=[1, 3], max_tokens=5, min_requests=4)
+    rows = http_load.engine_alone(engine, cfg, threads=1, log=lambda _: None)
+    assert [(r.concurrency, r.requests) for r in rows] == [(1, 4), (3, 6)]
+    assert [r.output_tokens for r in rows] == [4 * 5, 6 * 5]  # as `ignore_eos`: never an early stop
+    assert all(r.tokens_per_s > 0 for r in rows)
+
+    from bench import report
+
+    def level(n: int, tokens_per_s: float) -> http_load.LevelResult:
+        return http_load.LevelResult(n, 4.0 * n, 4, 0, 1.0, int(tokens_per_s), 0.1, 0.2, 0.01, 0.02)
+
+    alone = [http_load.EngineAloneLevel(1, 4, 100, 1.0), http_load.EngineAloneLevel(3, 6, 250, 1.0)]
+    served = http_load.HttpResults("http://x", "cpu", 5, [level(1, 80), level(3, 150)], engine_alone=alone)
+    text = "\n".join(report._http(served))
+    assert "### The same requests on the engine alone" in text
+    assert "| 1 | 4 | 100.0 | 1.00x | 0.80 |" in text
+    assert "| 3 | 6 | 250.0 | 2.50x | 0.60 |" in text
+
+
 def test_cpu_seconds_reads_a_process() -> None:
     busy = http_load.cpu_seconds(os.getpid())
     assert busy is not None and busy > 0
