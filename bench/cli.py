@@ -36,6 +36,7 @@ class Plan:
     http_tokens: int  # max_tokens of each HTTP request
     http_requests_per_slot: int
     http_min_requests: int
+    http_sweeps: int
     baseline_tokens: int
     baseline_reps: int
     state_d_models: list[int]
@@ -47,11 +48,12 @@ class Plan:
         if quick:
             return cls(levels=[1, 4, 16], http_levels=[1, 4], single_tokens=32, single_reps=1,
                        concurrent_tokens=32, http_tokens=16, http_requests_per_slot=1, http_min_requests=4,
-                       baseline_tokens=32, baseline_reps=2, state_d_models=[128], state_reps=3)
+                       http_sweeps=1, baseline_tokens=32, baseline_reps=2, state_d_models=[128], state_reps=3)
         levels = [1, 4, 16, 64, 256, 512] if cuda else [1, 4, 16, 64]
         return cls(levels=levels, http_levels=levels, single_tokens=256 if cuda else 200, single_reps=5,
                    concurrent_tokens=128 if cuda else 64, http_tokens=64 if cuda else 32,
-                   http_requests_per_slot=2, http_min_requests=8, baseline_tokens=128 if cuda else 64,
+                   http_requests_per_slot=2, http_min_requests=8, http_sweeps=3,
+                   baseline_tokens=128 if cuda else 64,
                    # one `generate` call on CUDA is all launch overhead (tens of ms a step): one run is enough
                    baseline_reps=1 if cuda else 3, state_d_models=[128, 512, 1024], state_reps=10)
 
@@ -193,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
 
             cfg = http_load.LoadConfig(levels=plan.http_levels, max_tokens=plan.http_tokens,
                                        requests_per_slot=plan.http_requests_per_slot,
-                                       min_requests=plan.http_min_requests)
+                                       min_requests=plan.http_min_requests, sweeps=plan.http_sweeps)
 
             def run_http(publish):
                 nonlocal engine

@@ -177,12 +177,14 @@ def _http(h: HttpResults) -> list[str]:
            f"Against {server}: streaming chat completions, each request its own session (learning, committed),",
            f"exactly {h.max_tokens} tokens (`ignore_eos`); Poisson arrivals at the request rate shown, at most N in",
            "flight. TTFT: request sent to first text; ITL: gap between text chunks. CPU: the server's and the load",
-           "generator's CPU time over the level's wall time, in cores (both on this machine).", ""]
-    one = h.at(1)
+           "generator's CPU time over the level's wall time, in cores (both on this machine). "
+           + (f"Each row is the best of {len(h.sweeps)} sweeps over the levels (errors: all of them); the speedup "
+              "is the median over the sweeps of the ratio within a sweep." if len(h.sweeps) > 1 else ""), ""]
     rows = []
     for r in h.levels:
-        rows.append([str(r.concurrency), _f(r.request_rate, 0), str(r.requests), str(r.errors), _f(r.tokens_per_s),
-                     _f(r.tokens_per_s / one.tokens_per_s, 2, suffix="x") if one and one.tokens_per_s else "-",
+        speedup = h.speedup(r.concurrency)
+        rows.append([str(r.concurrency), _f(r.request_rate, 0), str(r.requests), str(h.errors(r.concurrency)),
+                     _f(r.tokens_per_s), _f(speedup, 2, suffix="x") if speedup else "-",
                      _f(r.ttft_p50, 0, 1e3), _f(r.ttft_p99, 0, 1e3), _f(r.itl_p50, 1, 1e3), _f(r.itl_p99, 1, 1e3),
                      _f(r.cores(r.server_cpu_s), 2), _f(r.cores(r.client_cpu_s), 2)])
     out += _table(["concurrency", "req/s", "requests", "errors", "tokens/s", "speedup vs 1", "TTFT p50 ms",
@@ -307,10 +309,7 @@ def targets(r: BenchResults) -> list[list[str]]:
     n = 16
     row(f"{n} concurrent sessions >= 6 x one (engine, end to end)", e.speedup(n) if e else None, 6.0, ".2f")
     if r.http is not None:
-        one, many = r.http.at(1), r.http.at(n)
-        ok = one and many and one.tokens_per_s
-        row(f"{n} concurrent sessions >= 6 x one (HTTP)", many.tokens_per_s / one.tokens_per_s if ok else None,
-            6.0, ".2f")
+        row(f"{n} concurrent sessions >= 6 x one (HTTP)", r.http.speedup(n), 6.0, ".2f")
     for batch in r.target_batches():
         hope, _ = r.hope_decode(batch)
         kv = r.baselines.speed("kv_loop", batch) if r.baselines else None

@@ -117,8 +117,9 @@ def test_step_bytes_add_up(tiny: Path) -> None:
 
 
 def test_http_load_against_a_real_server(tiny: Path) -> None:
-    cfg = http_load.LoadConfig(levels=[2], max_tokens=8, min_requests=4)
+    cfg = http_load.LoadConfig(levels=[2], max_tokens=8, min_requests=4, sweeps=2)
     res = http_load.run(cfg, checkpoint=str(tiny), threads=1, log=lambda _: None)
+    assert [[r.concurrency for r in sweep] for sweep in res.sweeps] == [[2], [2]]
     (level,) = res.levels
     assert res.engine_process == "false"  # read off the server's hope_model_info
     assert (level.concurrency, level.requests, level.errors) == (2, 4, 0), level.first_error
@@ -142,15 +143,23 @@ def test_the_http_requests_on_the_engine_alone(tiny: Path) -> None:
 
     from bench import report
 
-    def level(n: int, tokens_per_s: float) -> http_load.LevelResult:
-        return http_load.LevelResult(n, 4.0 * n, 4, 0, 1.0, int(tokens_per_s), 0.1, 0.2, 0.01, 0.02)
+    def level(n: int, tokens_per_s: float, errors: int = 0) -> http_load.LevelResult:
+        return http_load.LevelResult(n, 4.0 * n, 4, errors, 1.0, int(tokens_per_s), 0.1, 0.2, 0.01, 0.02)
 
     alone = [http_load.EngineAloneLevel(1, 4, 100, 1.0), http_load.EngineAloneLevel(3, 6, 250, 1.0)]
-    served = http_load.HttpResults("http://x", "cpu", 5, [level(1, 80), level(3, 150)], engine_alone=alone)
+    # three sweeps: each level reports its best run and all its errors, the speedup the median
+    # of the ratios within a sweep (2.0, 1.5, 1.2), not the ratio of the bests (150 / 80)
+    sweeps = [[level(1, 50), level(3, 100)], [level(1, 80), level(3, 120, errors=1)], [level(1, 75), level(3, 90)]]
+    served = http_load.HttpResults("http://x", "cpu", 5, sweeps, engine_alone=alone)
+    assert [r.tokens_per_s for r in served.levels] == [80, 120]
+    assert served.errors(3) == 1 and served.errors(1) == 0
+    assert served.speedup(3) == pytest.approx(1.5)
     text = "\n".join(report._http(served))
+    assert "best of 3 sweeps" in text
+    assert "| 3 | 12 | 4 | 1 | 120.0 | 1.50x |" in text
     assert "### The same requests on the engine alone" in text
     assert "| 1 | 4 | 100.0 | 1.00x | 0.80 |" in text
-    assert "| 3 | 6 | 250.0 | 2.50x | 0.60 |" in text
+    assert "| 3 | 6 | 250.0 | 2.50x | 0.48 |" in text
 
 
 def test_cpu_seconds_reads_a_process() -> None:
@@ -185,3 +194,21 @@ def test_quick_run_writes_the_report(tiny: Path, tmp_path: Path, capsys: pytest.
         assert [r["sessions"] for r in data["engine"]["concurrency"]] == [1, 2]
         assert data["engine"]["narrow_one"]["step_s"] > 0
         assert "### Batch 1 before any arithmetic" in text
+
+
+def test_quick_http_run_reports_the_engine_alone_beside_the_server(tiny: Path, tmp_path: Path) -> None:
+    from bench import cli
+
+    md, js = tmp_path / "benchmarks.md", tmp_path / "bench.json"
+    cli.main(["--quick", "--device", "cpu", "--checkpoint", str(tiny), "--only", "http", "--levels", "1,2",
+              "--threads", "1", "--write", str(md), "--json", str(js)])
+    text = md.read_text()
+    assert "## HTTP serving with Poisson arrivals" in text
+    assert "### The same requests on the engine alone" in text
+    data = json.loads(js.read_text())
+    assert data["failed"] == {}
+    assert [r["concurrency"] for r in data["http"]["levels"]] == [1, 2]
+    assert [r["concurrency"] for r in data["http"]["engine_alone"]] == [1, 2]
+    # quick: 16 tokens a request, at least 4 requests a level, every one of them served
+    assert all(r["output_tokens"] == r["requests"] * 16 for r in data["http"]["engine_alone"])
+    assert all(r["output_tokens"] == r["requests"] * 16 and r["errors"] == 0 for r in data["http"]["levels"])
