@@ -94,8 +94,10 @@ def test_redis_outage_503_then_recovery(cluster: Cluster, client: httpx.Client) 
     try:
         wait_until(lambda: oks("up") >= 2, 60, 0.05, "traffic under way")
         phase["now"] = "down"
-        cluster.redis.kill()  # a crash: no shutdown, mid-traffic
+        # taken before the kill: a request that the crash fails may be answered before kill()
+        # returns, and only the answers complete before the crash began must all be commits
         killed = time.monotonic()
+        cluster.redis.kill()  # a crash: no shutdown, mid-traffic
         wait_until(lambda: all(any(a.status == 503 for a in attempts[s]) for s in sids), 20, 0.05,
                    "every client met the outage")
         time.sleep(max(0.0, 1.0 - (time.monotonic() - killed)))
