@@ -196,18 +196,9 @@ def main(argv: list[str] | None = None) -> None:
             cfg = http_load.LoadConfig(levels=plan.http_levels, max_tokens=plan.http_tokens,
                                        requests_per_slot=plan.http_requests_per_slot,
                                        min_requests=plan.http_min_requests, sweeps=plan.http_sweeps)
-
-            def run_http(publish):
-                nonlocal engine
-                alone = []
-                if not args.url:  # the server started here runs this engine's checkpoint, device, threads
-                    torch.set_num_threads(1)  # as for the engine part: the scheduler's thread has them
-                    alone = http_load.engine_alone(get_engine(), cfg, threads, log)
-                    torch.set_num_threads(threads)
-                engine = None  # the server process needs the memory and the cores: drop our model first
-                return http_load.run(cfg, args.url, args.checkpoint, device, threads, log, publish, alone)
-
-            part("http", run_http)
+            engine = None  # the server process needs the memory and the cores: drop our model first
+            part("http", lambda publish: http_load.run(cfg, args.url, args.checkpoint, device, threads, log,
+                                                       publish))
     except Interrupted:
         pass
     finally:

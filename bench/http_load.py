@@ -42,12 +42,12 @@ import tempfile
 import time
 import uuid
 from concurrent.futures import FIRST_COMPLETED, wait
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
 
-from bench.timing import percentile
+from bench.timing import available_cores, percentile
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "Tell me a long story about a lighthouse keeper and the sea."
@@ -322,6 +322,48 @@ def engine_alone(engine, cfg: LoadConfig, threads: int | None = None, log=print)
     return out
 
 
+def engine_alone_process(cfg: LoadConfig, checkpoint: str | None = None, device: str = "cpu",
+                         threads: int | None = None, log=print) -> list[EngineAloneLevel]:
+    """`engine_alone` in a fresh process (`python -m bench.http_load`), as `hope serve` would
+    load the model: its levels come back as JSON on stdout, its log lines on stderr."""
+    cmd = [sys.executable, "-m", "bench.http_load", "--engine-alone", json.dumps(asdict(cfg)),
+           "--device", device, *(["--checkpoint", str(checkpoint)] if checkpoint else []),
+           *(["--threads", str(threads)] if threads else [])]
+    environ = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+               **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    with subprocess.Popen(cmd, cwd=ROOT, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        for line in proc.stderr:  # its progress, as it goes (stdout holds one line, at the end)
+            log(line.rstrip("\n"))
+        out = proc.stdout.read()
+    if proc.returncode != 0:
+        raise RuntimeError(f"the engine-alone run exited {proc.returncode}")
+    return [EngineAloneLevel(**row) for row in json.loads(out)]
+
+
+def _engine_alone_main(argv: list[str]) -> None:
+    import argparse
+
+    import torch
+
+    from hope_core.checkpoint import load_checkpoint
+    from hope_core.engine import Engine
+
+    p = argparse.ArgumentParser(prog="python -m bench.http_load")
+    p.add_argument("--engine-alone", required=True, metavar="JSON", help="a LoadConfig as JSON")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--checkpoint")
+    p.add_argument("--threads", type=int)
+    args = p.parse_args(argv)
+    cfg = LoadConfig(**json.loads(args.engine_alone))
+    threads = args.threads or available_cores()
+    torch.set_num_threads(1)  # this thread; the scheduler's own thread runs with `threads`, as in the server
+    engine = Engine(load_checkpoint(args.checkpoint, device=args.device), device=args.device)
+    levels = engine_alone(engine, cfg, threads, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(json.dumps([asdict(level) for level in levels]))
+
+
 # ---- the server ------------------------------------------------------------------------------------------
 
 def free_port() -> int:
@@ -402,19 +444,18 @@ def model_info(base_url: str) -> dict[str, str]:
 
 
 def run(cfg: LoadConfig, url: str | None = None, checkpoint: str | None = None, device: str = "cpu",
-        threads: int | None = None, log=print, publish=None,
-        alone: list[EngineAloneLevel] | None = None) -> HttpResults:
+        threads: int | None = None, log=print, publish=None) -> HttpResults:
     """`publish(results)` is called once the server is up; levels are appended as they finish.
-    `alone`: the same requests on the engine alone (`engine_alone`), measured before, reported
-    with these."""
-    alone = alone or []
+    Without `url`, the same requests run first on the engine alone (`engine_alone`), in a process
+    of its own as the server is: a fresh process for each, so that neither inherits what this one
+    ran (on the CPU, another thread's OpenMP team slows a scheduler's steps by up to a third)."""
     if url:
-        res = HttpResults(url, "remote", cfg.max_tokens, engine_process=model_info(url).get("engine_process", ""),
-                          engine_alone=alone)
+        res = HttpResults(url, "remote", cfg.max_tokens, engine_process=model_info(url).get("engine_process", ""))
         if publish:
             publish(res)
         asyncio.run(run_levels(url.rstrip("/"), cfg, log, into=res.sweeps))
         return res
+    alone = engine_alone_process(cfg, checkpoint, device, threads, log)
     server = HopeServer(checkpoint, device, max(cfg.levels), threads)
     errors = True
     try:
@@ -433,3 +474,7 @@ def run(cfg: LoadConfig, url: str | None = None, checkpoint: str | None = None, 
         if errors:
             log(f"http: server log kept at {server.log_path}")
     return res
+
+
+if __name__ == "__main__":
+    _engine_alone_main(sys.argv[1:])

@@ -196,9 +196,9 @@ def _http(h: HttpResults) -> list[str]:
 
 def _engine_alone(h: HttpResults) -> list[str]:
     out = ["### The same requests on the engine alone", "",
-           "Each level's requests on the engine's scheduler in the benchmark's process, with the server's chat",
+           "Each level's requests on the engine's scheduler in a process of its own, with the server's chat",
            "prompt, token count and learning: N start at once and each that ends is followed at once by the",
-           "next, so they arrive as they batch best; no HTTP, no state encoding, no store.", ""]
+           "next, so they arrive as they batch best; no HTTP, no state encoding, no store. One sweep.", ""]
     base = next((r for r in h.engine_alone if r.concurrency == 1), None)
     rows = []
     for r in h.engine_alone:

@@ -120,6 +120,8 @@ def test_http_load_against_a_real_server(tiny: Path) -> None:
     cfg = http_load.LoadConfig(levels=[2], max_tokens=8, min_requests=4, sweeps=2)
     res = http_load.run(cfg, checkpoint=str(tiny), threads=1, log=lambda _: None)
     assert [[r.concurrency for r in sweep] for sweep in res.sweeps] == [[2], [2]]
+    # the same requests on the engine alone, in a process of its own, first
+    assert [(r.concurrency, r.requests, r.output_tokens) for r in res.engine_alone] == [(2, 4, 4 * 8)]
     (level,) = res.levels
     assert res.engine_process == "false"  # read off the server's hope_model_info
     assert (level.concurrency, level.requests, level.errors) == (2, 4, 0), level.first_error
