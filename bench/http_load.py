@@ -44,10 +44,14 @@ import uuid
 from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
 from bench.timing import available_cores, percentile
+
+if TYPE_CHECKING:
+    from hope_core.engine import Engine
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "Tell me a long story about a lighthouse keeper and the sea."
@@ -277,7 +281,7 @@ async def run_levels(base_url: str, cfg: LoadConfig, log=print, into: list[list[
 
 # ---- the same requests on the engine alone ------------------------------------------------------------------
 
-def engine_alone(engine, cfg: LoadConfig, threads: int | None = None, log=print) -> list[EngineAloneLevel]:
+def engine_alone(engine: Engine, cfg: LoadConfig, threads: int | None = None, log=print) -> list[EngineAloneLevel]:
     """Each level's requests on `engine`'s scheduler (a thread of its own, as the server runs it),
     built as the server builds them: the user message in the chat template, `max_tokens` tokens
     with no stop token (`ignore_eos`), learning on, the reply closed with the end-of-message token.
@@ -445,8 +449,8 @@ def model_info(base_url: str) -> dict[str, str]:
 
 def run(cfg: LoadConfig, url: str | None = None, checkpoint: str | None = None, device: str = "cpu",
         threads: int | None = None, log=print, publish=None) -> HttpResults:
-    """`publish(results)` is called once the server is up; levels are appended as they finish.
-    Without `url`, the same requests run first on the engine alone (`engine_alone`), in a process
+    """`publish(results)` is called once the server is up; sweeps and their levels are appended as
+    they run. Without `url`, the same requests run first on the engine alone (`engine_alone`), in a process
     of its own as the server is: a fresh process for each, so that neither inherits what this one
     ran (on the CPU, another thread's OpenMP team slows a scheduler's steps by up to a third)."""
     if url:
