@@ -14,7 +14,7 @@ from hope_core.batch import DecodeBatch
 from hope_core.engine import Engine, PromptAbsorbed, TokenEvent
 from hope_core.model import Learning, State
 from hope_core.sampling import SamplingParams, sample, sample_rows
-from hope_core.scheduler import Job, Scheduler
+from hope_core.scheduler import Cancelled, Job, Scheduler
 
 
 def alone(engine: Engine, prompt: list[int], params: SamplingParams, learn=True, base=None):
@@ -178,6 +178,36 @@ def test_a_consumer_that_goes_away_ends_only_its_own_job(engine):
         ref, ref_session = alone(engine, *jobs[i])
         assert futures[i].result().generation.token_ids == ref.token_ids
         assert_same_state(sessions[i], ref_session)
+
+
+@pytest.mark.parametrize("seed,commit_wait", [(0, 0), (1, 3), (2, 8)])
+def test_jobs_cancelled_at_random_steps_leave_the_others_as_if_alone(engine, seed, commit_wait):
+    """Cancellations land on jobs in prefill, decoding, or waiting to commit, several in one
+    step; each cancelled job ends with Cancelled, and every other one ends exactly where it would
+    have alone."""
+    rng = random.Random(seed)
+    jobs = random_jobs(engine, 10, seed=seed)
+    sched = Scheduler(engine, max_batch=6, prefill_tokens=rng.choice([4, 16]), commit_wait=commit_wait)
+    sessions = [engine.new_session() for _ in jobs]
+    submitted = [Job(s, p, sp, learn, cancel=threading.Event()) for s, (p, sp, learn) in zip(sessions, jobs)]
+    futures = [sched.submit(j) for j in submitted]
+    doomed = set(rng.sample(range(len(jobs)), 4))
+    while not all(f.done() for f in futures):
+        sched.step()
+        for i in sorted(doomed):
+            if rng.random() < 0.15:
+                submitted[i].cancel.set()
+                doomed.discard(i)
+    survivors = 0
+    for (prompt, params, learn), session, fut in zip(jobs, sessions, futures):
+        if fut.exception() is not None:
+            assert isinstance(fut.exception(), Cancelled)
+            continue
+        ref, ref_session = alone(engine, prompt, params, learn)
+        assert fut.result().generation.token_ids == ref.token_ids
+        assert_same_state(session, ref_session)
+        survivors += 1
+    assert len(jobs) - 4 <= survivors < len(jobs)  # (seeded: some of the doomed were still running)
 
 
 def test_the_background_thread_serves_jobs_submitted_from_many_threads(engine):
