@@ -208,8 +208,7 @@ def run(engine: Engine, levels: list[int], single_tokens: int, concurrent_tokens
                            if a.decode_tokens_per_s and b.decode_tokens_per_s]
     log(f"engine one session through the scheduler, learning on / off: {res.scheduler_ratio:.2f} "
         f"(median of {reps} pairs)")
-    if engine.device.type == "cpu":  # with CUDA graphs, full chunks always commit at once
-        out_of_phase(engine, min(16, max(levels)), concurrent_tokens, reps, res, log, threads)
+    out_of_phase(engine, min(16, max(levels)), concurrent_tokens, reps, res, log, threads)
     narrow = narrow_engine(engine)
     res.narrow_one = max(concurrency(narrow, [1], concurrent_tokens, log=lambda *_: None, threads=threads,
                                      reps=reps), key=lambda r: r.decode_tokens_per_s or 0)

@@ -13,7 +13,8 @@ grouped by their learning switches), so session independence and split invarianc
 
 On CUDA the decode step can be captured as a CUDA graph per power-of-two batch size: the rows
 past `n` up to the bucket are padding (valid states whose results are thrown away), and the
-whole step replays with one launch. Commits are captured too, per power-of-two number
+whole step replays with one launch (rows waiting to commit that fall among the padding keep
+their contents: `_hold`). Commits are captured too, per power-of-two number
 of committing rows (padded with repeats of a row, which write the same values twice): the host
 knows which rows commit (it counts each row's open tokens), so no step waits on the device
 except to read the sampled tokens and the commits' metrics.
@@ -33,6 +34,8 @@ log = logging.getLogger("hope.batch")
 
 
 JOINED = (("attn_k", "open_k"), ("attn_v", "open_v"), ("conv_tail", "open_conv"))
+# what a decode step writes of a row (the names end so, per layer where they are layer tensors)
+STEP_WRITES = ("n_open", "open_tokens", "last_hidden", "open_k", "open_v", "open_conv")
 
 
 def _bucket(n: int) -> int:
@@ -48,8 +51,7 @@ class DecodeBatch:
 
         `commit_wait`: a row whose chunk is full may wait up to this many steps, out of the
         decode step, for other rows to fill theirs, so that they commit together (see
-        `step`). 0 commits every full row in the step that fills it. Padded steps need 0: their
-        padding rows are the rows past the decoding ones."""
+        `step`). 0 commits every full row in the step that fills it."""
         self.model, self.cfg = model, model.cfg
         self.template = template
         self.n = 0  # active rows: the decoding ones, then the waiting ones
@@ -60,8 +62,6 @@ class DecodeBatch:
         self.waits: list[int] = []  # per active row: steps it has waited to commit
         self.graphs = graphs and template.n_open.is_cuda
         self.pad = self.graphs if pad is None else pad
-        if commit_wait and self.pad:
-            raise ValueError("padded steps commit at once: commit_wait must be 0")
         self.commit_wait = commit_wait
         self.autocast = autocast
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -250,6 +250,7 @@ class DecodeBatch:
             self._decode_inplace(n)
             return
         b = min(_bucket(n), self.capacity)
+        held = self._hold(n, min(b, self.n))
         if not self.graphs:
             self._decode_inplace(b)
         else:
@@ -259,6 +260,23 @@ class DecodeBatch:
         # padding rows advanced too: keep their open chunk from filling up
         if b > n:
             self.slots.n_open[n:b].zero_()
+        self._put_back(n, held)
+
+    def _hold(self, lo: int, hi: int) -> dict[str, Tensor]:
+        """Rows lo..hi-1 wait to commit but fall among a padded step's rows: keep what the step
+        will write of them, and point their next token at the start of the open chunk (a full
+        chunk has no slot left to write). `_put_back` restores them as they were."""
+        if hi <= lo:
+            return {}
+        held = {name: t[lo:hi].clone() for name, t in self.slots.tensors().items()
+                if name.rsplit(".", 1)[-1] in STEP_WRITES}
+        self.slots.n_open[lo:hi].zero_()
+        return held
+
+    def _put_back(self, lo: int, held: dict[str, Tensor]) -> None:
+        tensors = self.slots.tensors()
+        for name, t in held.items():
+            tensors[name][lo:lo + t.shape[0]].copy_(t)
 
     def _decode_inplace(self, n: int) -> None:
         view = self.view(n)

@@ -106,7 +106,7 @@ class _Running:
             self.job.emit(item)
 
 
-COMMIT_WAIT = 8  # steps a full chunk may wait to commit with others (CPU); see DecodeBatch.step
+COMMIT_WAIT = 8  # steps a full chunk may wait to commit with others; see DecodeBatch.step
 
 
 class Scheduler:
@@ -119,7 +119,7 @@ class Scheduler:
         to a half on a 2-core machine (docs/architecture.md, "Many sessions at once").
 
         `commit_wait`: steps a session whose chunk is full may wait for others to commit with
-        it (`DecodeBatch`); by default COMMIT_WAIT, and 0 with CUDA graphs (padded steps)."""
+        it (`DecodeBatch`); by default COMMIT_WAIT."""
         self.engine = engine
         self.threads = threads
         self.max_batch = max_batch
@@ -127,7 +127,7 @@ class Scheduler:
         if graphs is None:
             graphs = engine.device.type == "cuda"
         if commit_wait is None:
-            commit_wait = 0 if graphs else COMMIT_WAIT
+            commit_wait = COMMIT_WAIT
         self.batch = DecodeBatch(engine.model, engine.new_session().state, capacity=min(max_batch, 8),
                                  graphs=graphs, autocast=engine.autocast, commit_wait=commit_wait)
         self.on_step = on_step

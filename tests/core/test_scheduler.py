@@ -273,14 +273,17 @@ def test_sampling_a_row_does_not_depend_on_the_other_rows():
                 assert row in torch.topk(logits[params.index(p)], p.top_k).indices.tolist()
 
 
-def test_padded_steps_compute_the_same_as_exact_ones(engine):
+@pytest.mark.parametrize("commit_wait", [0, 3])
+def test_padded_steps_compute_the_same_as_exact_ones(engine, commit_wait):
     """The CUDA-graph path runs power-of-two batches whose extra rows are padding; on the CPU the
-    same padded shapes run eagerly (`pad=True`): the real rows must not notice."""
+    same padded shapes run eagerly (`pad=True`): the real rows must not notice, nor the rows that
+    wait to commit and so sit among the padded ones."""
     jobs = random_jobs(engine, 5, seed=21)
     results = []
     for pad in (False, True):
         sched = Scheduler(engine, max_batch=5, prefill_tokens=16)
-        sched.batch = DecodeBatch(engine.model, engine.new_session().state, capacity=8, pad=pad)
+        sched.batch = DecodeBatch(engine.model, engine.new_session().state, capacity=8, pad=pad,
+                                  commit_wait=commit_wait)
         sessions = [engine.new_session() for _ in jobs]
         futures = [sched.submit(Job(s, p, sp, learn)) for s, (p, sp, learn) in zip(sessions, jobs)]
         run_to_end(sched, futures)
@@ -319,10 +322,13 @@ def test_decode_batch_steps_equal_the_functional_batched_step(engine, phases, ol
                                        msg=f"step {step}: {name}")
 
 
-def test_rows_whose_chunks_fill_wait_and_commit_together(engine):
+@pytest.mark.parametrize("pad", [False, True])
+def test_rows_whose_chunks_fill_wait_and_commit_together(engine, pad):
     """With `commit_wait`, a row whose chunk fills steps aside until others fill theirs (or it
     has waited long enough): the commits come in fewer, larger groups, sessions that committed
-    together stay in phase, and every session ends exactly where absorbing its own tokens ends."""
+    together stay in phase, and every session ends exactly where absorbing its own tokens ends.
+    With padded steps (the CUDA-graph shapes) the waiting rows sit among the padding rows, which
+    the step computes too: they come out untouched."""
     C = engine.cfg.chunk
     phases = [0, 1, 2, C - 1, 1]
     bases, streams = [], []
@@ -333,7 +339,8 @@ def test_rows_whose_chunks_fill_wait_and_commit_together(engine):
         streams.append([(17 * i + 5 * j) % 4000 + 5 for j in range(6 * C)])
 
     def run(commit_wait: int):
-        batch = DecodeBatch(engine.model, engine.new_session().state, capacity=2, commit_wait=commit_wait)
+        batch = DecodeBatch(engine.model, engine.new_session().state, capacity=2, commit_wait=commit_wait,
+                            pad=pad)
         for i, s in enumerate(bases):
             batch.join(s.state, owner=i)
         fed, groups = [0] * len(bases), []
