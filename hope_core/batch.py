@@ -161,13 +161,19 @@ class DecodeBatch:
             buf[dst].copy_(buf[src])
         self._put(dst, self.open_counts[src], self.owners[src], self.learns[src], self.waits[src])
 
-    def _swap(self, i: int, j: int) -> None:
+    def _permute(self, order: list[int]) -> None:
+        """Row r takes what row order[r] held, for every r (a permutation of the active rows):
+        one gather and one scatter per buffer for all the rows that move, however many."""
+        moved = [r for r, src in enumerate(order) if r != src]
+        if not moved:
+            return
+        dev = self.template.n_open.device
+        dst = torch.tensor(moved, device=dev)
+        src = torch.tensor([order[r] for r in moved], device=dev)
         for buf in self.slots.tensors().values():
-            keep = buf[i].clone()
-            buf[i].copy_(buf[j])
-            buf[j].copy_(keep)
+            buf.index_copy_(0, dst, buf.index_select(0, src))
         for host in (self.open_counts, self.owners, self.learns, self.waits):
-            host[i], host[j] = host[j], host[i]
+            host[:] = [host[order[r]] for r in range(len(order))]
 
     def row_state(self, row: int) -> State:
         return self.slots.map(lambda v: v[row:row + 1].clone())
@@ -199,12 +205,14 @@ class DecodeBatch:
             return self._commit_groups(full)
         for i in range(n, self.n):  # the rows that were waiting already
             self.waits[i] += 1
-        for i in reversed(full):  # each full row swaps with the last decoding row
+        order = list(range(self.n))
+        for i in reversed(full):  # each full row trades places with the last decoding row
             last = self.n_decoding - 1
-            if i != last:
-                self._swap(i, last)
-            self.waits[last] = 0
+            order[i], order[last] = order[last], order[i]
             self.n_waiting += 1
+        self._permute(order)
+        for i in range(self.n_decoding, self.n_decoding + len(full)):
+            self.waits[i] = 0
         if self.n_waiting and self._commit_now():
             return self.commit_waiting()
         return []

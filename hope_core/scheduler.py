@@ -120,9 +120,9 @@ class Scheduler:
 
         `commit_wait`: steps a session whose chunk is full may wait for others to commit with
         it (`DecodeBatch`); by default COMMIT_WAIT on the CPU and 0 with CUDA graphs. Waiting
-        works there too, but is not measured on a GPU yet, where a row's steps aside (a swap of
-        two rows: ~200 small copies, each a kernel launch) may cost what the commits it merges
-        save."""
+        works there too, but is not measured on a GPU yet, where the rows stepping aside (a
+        gather and a scatter per state buffer: ~140 kernel launches a step in which rows fill)
+        may cost what the commits it merges save."""
         self.engine = engine
         self.threads = threads
         self.max_batch = max_batch
