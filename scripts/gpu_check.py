@@ -2,7 +2,8 @@
 
 * the bundled model in bf16 on CUDA scores text like float32 on the CPU (log-probabilities);
 * the scheduler with CUDA graphs (decode steps and commits replayed) produces the same tokens
-  and states as the same scheduler run eagerly on CUDA, and as `Engine.generate` alone;
+  and states as the same scheduler run eagerly on CUDA, and as `Engine.generate` alone; also
+  with rows waiting to commit together (`commit_wait`), which then sit among a padded step's rows;
 * how long the captured decode step and commit take, per batch size.
 
 Prints a JSON summary (also written to the file given as the first argument).
@@ -20,11 +21,12 @@ from hope_core.batch import DecodeBatch
 from hope_core.engine import Engine
 from hope_core.model import Learning
 from hope_core.sampling import SamplingParams
-from hope_core.scheduler import Job, Scheduler
+from hope_core.scheduler import COMMIT_WAIT, Job, Scheduler
 
 
-def run_jobs(engine: Engine, prompts: list[list[int]], params: list[SamplingParams], graphs: bool):
-    sched = Scheduler(engine, max_batch=len(prompts), graphs=graphs)
+def run_jobs(engine: Engine, prompts: list[list[int]], params: list[SamplingParams], graphs: bool,
+             commit_wait: int | None = None):
+    sched = Scheduler(engine, max_batch=len(prompts), graphs=graphs, commit_wait=commit_wait)
     sessions = [engine.new_session() for _ in prompts]
     futures = [sched.submit(Job(s, p, sp)) for s, p, sp in zip(sessions, prompts, params)]
     while not all(f.done() for f in futures):
@@ -62,6 +64,13 @@ def main() -> None:
         gen = gpu.generate(gpu.new_session(), p, sp)
         alone.append([e.token_id for e in gen])
     out["graph_vs_alone_same_tokens"] = sum(a == b for a, b in zip(alone, graph_ids)) / len(prompts)
+    # the prompts' lengths differ, so chunks fill at different steps and rows wait to commit
+    wait_eager_ids, wait_eager = run_jobs(gpu, prompts, params, graphs=False, commit_wait=COMMIT_WAIT)
+    wait_graph_ids, wait_graph = run_jobs(gpu, prompts, params, graphs=True, commit_wait=COMMIT_WAIT)
+    out["waiting_graph_vs_eager_same_tokens"] = (
+        sum(a == b for a, b in zip(wait_eager_ids, wait_graph_ids)) / len(prompts))
+    out["waiting_graph_vs_eager_max_state_diff"] = max(max_state_diff(a, b) for a, b in zip(wait_eager, wait_graph))
+    out["waiting_graph_vs_alone_same_tokens"] = sum(a == b for a, b in zip(alone, wait_graph_ids)) / len(prompts)
 
     # the batched step alone, per batch size, with the sessions' chunk phases spread evenly (a
     # sixteenth of the rows commit at each step), learning on
