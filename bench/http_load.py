@@ -39,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from concurrent.futures import FIRST_COMPLETED, wait
@@ -337,10 +338,16 @@ def engine_alone_process(cfg: LoadConfig, checkpoint: str | None = None, device:
                **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     with subprocess.Popen(cmd, cwd=ROOT, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True) as proc:
-        assert proc.stdout is not None and proc.stderr is not None
-        for line in proc.stderr:  # its progress, as it goes (stdout holds one line, at the end)
-            log(line.rstrip("\n"))
-        out = proc.stdout.read()
+        # as the HTTP levels' requests time out, so does this run, whatever it is stuck on
+        watchdog = threading.Timer(cfg.timeout_s * len(cfg.levels), proc.kill)
+        watchdog.start()
+        try:
+            assert proc.stdout is not None and proc.stderr is not None
+            for line in proc.stderr:  # its progress, as it goes (stdout holds one line, at the end)
+                log(line.rstrip("\n"))
+            out = proc.stdout.read()
+        finally:
+            watchdog.cancel()
     if proc.returncode != 0:
         raise RuntimeError(f"the engine-alone run exited {proc.returncode}")
     return [EngineAloneLevel(**row) for row in json.loads(out)]

@@ -164,6 +164,12 @@ def test_the_http_requests_on_the_engine_alone(tiny: Path) -> None:
     assert "| 3 | 6 | 250.0 | 2.50x | 0.48 |" in text
 
 
+def test_the_engine_alone_run_is_stopped_when_it_outlasts_its_time() -> None:
+    cfg = http_load.LoadConfig(levels=[1], max_tokens=4, min_requests=2, timeout_s=0.05)
+    with pytest.raises(RuntimeError, match="exited -9"):  # importing torch alone takes longer
+        http_load.engine_alone_process(cfg, None, "cpu", 1, log=lambda _: None)
+
+
 def test_cpu_seconds_reads_a_process() -> None:
     busy = http_load.cpu_seconds(os.getpid())
     assert busy is not None and busy > 0
