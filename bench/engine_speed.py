@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from bench.baselines import NARROW, narrow_d_model
+from bench.timing import sweep_speedup
 from hope_core.checkpoint import Checkpoint
 from hope_core.engine import Engine
 from hope_core.evaluate import decode_speed
@@ -99,15 +100,8 @@ class EngineResults:
         return next((r for r in self.concurrency if r.sessions == sessions), None)
 
     def speedup(self, sessions: int) -> float | None:
-        """Tokens/s end to end at `sessions` over one session: the median over the sweeps of the
-        ratio within a sweep (a sweep runs every level once, a few seconds in all)."""
-        ratios = []
-        for sweep in self.sweeps:
-            one = next((r for r in sweep if r.sessions == 1), None)
-            many = next((r for r in sweep if r.sessions == sessions), None)
-            if one and many:
-                ratios.append(many.tokens_per_s / one.tokens_per_s)
-        return statistics.median(ratios) if ratios else None
+        """Tokens/s end to end at `sessions` over one session (`bench.timing.sweep_speedup`)."""
+        return sweep_speedup(self.sweeps, lambda r: r.sessions, sessions)
 
 
 def prompt_tokens(engine: Engine, n: int) -> list[int]:

@@ -35,7 +35,6 @@ import json
 import os
 import random
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,7 +48,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from bench.timing import available_cores, percentile
+from bench.timing import available_cores, percentile, sweep_speedup
 
 if TYPE_CHECKING:
     from hope_core.engine import Engine
@@ -114,7 +113,7 @@ class LevelResult:
 
 @dataclass
 class EngineAloneLevel:
-    """A level's requests on the engine's scheduler in this process: no HTTP, no store."""
+    """A level's requests on the engine's scheduler alone (`engine_alone`): no HTTP, no store."""
 
     concurrency: int
     requests: int
@@ -154,15 +153,8 @@ class HttpResults:
         return sum(r.errors for sweep in self.sweeps for r in sweep if r.concurrency == concurrency)
 
     def speedup(self, concurrency: int) -> float | None:
-        """Tokens/s at `concurrency` over one request at a time: the median over the sweeps of
-        the ratio within a sweep (a sweep runs every level once, back to back)."""
-        ratios = []
-        for sweep in self.sweeps:
-            one = next((r for r in sweep if r.concurrency == 1), None)
-            many = next((r for r in sweep if r.concurrency == concurrency), None)
-            if one and many and one.tokens_per_s:
-                ratios.append(many.tokens_per_s / one.tokens_per_s)
-        return statistics.median(ratios) if ratios else None
+        """Tokens/s at `concurrency` over one request at a time (`bench.timing.sweep_speedup`)."""
+        return sweep_speedup(self.sweeps, lambda r: r.concurrency, concurrency)
 
 
 # ---- one request -----------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Protocol, TypeVar
 
 import torch
 
@@ -22,6 +23,27 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 def median(values: Sequence[float]) -> float:
     return percentile(values, 50)
+
+
+class _Rated(Protocol):
+    @property
+    def tokens_per_s(self) -> float: ...
+
+
+R = TypeVar("R", bound=_Rated)
+
+
+def sweep_speedup(sweeps: Sequence[Sequence[R]], level: Callable[[R], int], n: int) -> float | None:
+    """Tokens/s at level `n` over level 1: the median over the sweeps of the ratio within a sweep
+    (a sweep runs every level once, back to back, so a slow spell of a shared machine lands on
+    both sides of its ratio). `level(row)` says a row's level; rows have `tokens_per_s`."""
+    ratios = []
+    for sweep in sweeps:
+        one = next((r for r in sweep if level(r) == 1), None)
+        many = next((r for r in sweep if level(r) == n), None)
+        if one is not None and many is not None and one.tokens_per_s:
+            ratios.append(many.tokens_per_s / one.tokens_per_s)
+    return median(ratios) if ratios else None
 
 
 def sync(device: torch.device | str) -> None:

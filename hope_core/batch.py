@@ -205,14 +205,15 @@ class DecodeBatch:
             return self._commit_groups(full)
         for i in range(n, self.n):  # the rows that were waiting already
             self.waits[i] += 1
-        order = list(range(self.n))
-        for i in reversed(full):  # each full row trades places with the last decoding row
-            last = self.n_decoding - 1
-            order[i], order[last] = order[last], order[i]
-            self.n_waiting += 1
-        self._permute(order)
-        for i in range(self.n_decoding, self.n_decoding + len(full)):
-            self.waits[i] = 0
+        if full:
+            order = list(range(self.n))
+            for i in reversed(full):  # each full row trades places with the last decoding row
+                last = self.n_decoding - 1
+                order[i], order[last] = order[last], order[i]
+                self.n_waiting += 1
+            self._permute(order)
+            for i in range(self.n_decoding, self.n_decoding + len(full)):
+                self.waits[i] = 0
         if self.n_waiting and self._commit_now():
             return self.commit_waiting()
         return []
@@ -282,6 +283,8 @@ class DecodeBatch:
         return held
 
     def _put_back(self, lo: int, held: dict[str, Tensor]) -> None:
+        if not held:
+            return
         tensors = self.slots.tensors()
         for name, t in held.items():
             tensors[name][lo:lo + t.shape[0]].copy_(t)
