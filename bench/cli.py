@@ -1,4 +1,4 @@
-"""`hope bench`: decode speed, concurrency, HTTP load, state I/O, frozen baselines, GPU roofline.
+"""`hope bench`: decode speed, concurrency, HTTP load, state I/O, frozen baselines, arithmetic, GPU roofline.
 
     hope bench --quick                                 # about a minute on 2 CPU cores (the tests use it)
     OMP_NUM_THREADS=2 hope bench --write docs/benchmarks.md --json bench.json
@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-PARTS = ("engine", "baselines", "http", "state_io", "gpu")
+PARTS = ("engine", "baselines", "arithmetic", "http", "state_io", "gpu")
 
 
 @dataclass
@@ -184,6 +184,10 @@ def main(argv: list[str] | None = None) -> None:
                                      reps=plan.baseline_reps, log=log, publish=publish)
 
             part("baselines", run_baselines)
+        if "arithmetic" in parts:
+            from bench import arithmetic
+
+            part("arithmetic", lambda publish: arithmetic.run(get_engine(), log=log, publish=publish))
         if "state_io" in parts:
             from bench import state_io
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from bench.arithmetic import ArithmeticResults
 from bench.baselines import NARROW, BaselineResults
 from bench.engine_speed import EngineResults
 from bench.gpu import GpuResults
@@ -69,6 +70,7 @@ class BenchResults:
     http: HttpResults | None = None
     state_io: StateIOResults | None = None
     gpu: GpuResults | None = None
+    arithmetic: ArithmeticResults | None = None
     failed: dict[str, str] = field(default_factory=dict)  # part -> error
     seconds: dict[str, float] = field(default_factory=dict)  # part -> wall time
 
@@ -268,6 +270,48 @@ def _floor(r: BenchResults) -> list[str]:
     return [*out, verdict, ""]
 
 
+def _arithmetic(r: BenchResults) -> list[str]:
+    a = r.arithmetic
+    assert a is not None
+    out = ["## Arithmetic per token", "",
+           "FLOPs of matrix products and attention, forward and backward (element-wise work not counted), counted",
+           "op by op (`bench/arithmetic.py`): HOPE through the scheduler, one session decoding whole chunks after a",
+           "16-token prompt; the KV loop over its decode calls after the same prompt. A token's FLOPs do not depend",
+           "on the batch.", ""]
+    out += _table(["", "MFLOP per token"],
+                  [["HOPE learning off (the decode step)", _f(a.hope_off / 1e6, 1)],
+                   ["HOPE learning on (the decode step and a sixteenth of a commit: the chunk's re-forward and "
+                    "backward)", _f(a.hope_on / 1e6, 1)],
+                   ["plain KV loop", _f(a.kv_loop / 1e6, 1)]])
+    out += [f"Learning adds {a.learning_share:.1f}x the decode step's arithmetic; HOPE learning on does "
+            f"{a.hope_on / a.kv_loop:.1f}x the KV loop's per token.", ""]
+    if a.rates:
+        out += [f"What this machine's `torch.mm` reaches ({a.dtype} on `{a.device}`, best of repeated runs):", ""]
+        out += _table(["product", "GFLOP/s"], [[x.shape, _f(x.flops_per_s / 1e9, 1)] for x in a.rates])
+    b = r.baselines
+    if b is None or not a.best_rate:
+        return out
+    rows, verdicts = [], []
+    for n in sorted({row.batch for row in b.rows if row.method == "kv_loop"}):
+        hope, _ = r.hope_decode(n)
+        kv = b.speed("kv_loop", n)
+        if not kv:
+            continue
+        need = kv * a.hope_on  # HOPE's FLOPs/s at the KV loop's tokens/s
+        rows.append([str(n), _f(kv), _f(kv * a.kv_loop / 1e9, 1), _f(hope),
+                     _f(hope * a.hope_on / 1e9, 1) if hope else "-", _f(need / 1e9, 1),
+                     _f(need / a.best_rate, 0, 100, "%")])
+        if n in r.target_batches() and hope:
+            verdicts.append(f"At batch {n} HOPE computes at {hope * a.hope_on / (kv * a.kv_loop):.2f}x the KV loop's "
+                            f"rate; at the loop's tokens/s it would need {need / 1e9:,.1f} GFLOP/s, "
+                            f"{need / a.best_rate:.0%} of the fastest product measured here.")
+    out += ["HOPE's tokens/s as in the baselines table (decode, learning on); GFLOP/s = tokens/s x FLOPs per token.",
+            ""]
+    out += _table(["batch", "KV loop tokens/s", "KV loop GFLOP/s", "HOPE tokens/s", "HOPE GFLOP/s",
+                   "HOPE needs, at the KV loop's tokens/s", "of the fastest product"], rows)
+    return [*out, " ".join(verdicts), ""] if verdicts else out
+
+
 def _state_io(s: StateIOResults) -> list[str]:
     out = ["## Session state load and store", "",
            f"Store: encode (safetensors) + compare-and-set commit. Load: read + decode with validation. Milliseconds, "
@@ -327,6 +371,8 @@ def markdown(r: BenchResults) -> str:
         lines += _http(r.http)
     if r.baselines is not None:
         lines += _baselines(r)
+    if r.arithmetic is not None:
+        lines += _arithmetic(r)
     if r.state_io is not None:
         lines += _state_io(r.state_io)
     if r.gpu is not None:

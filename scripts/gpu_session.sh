@@ -38,9 +38,11 @@ timeout 110 python3 -m hope.cli bench $B --device $DEV --only engine,gpu --level
   --json "$OUT/bench_engine.json" --write "$OUT/bench_engine.md" > "$OUT/bench_engine.log" 2>&1; echo "rc $?"
 timeout 70 python3 -m hope.cli bench $B --device $DEV --only baselines --levels ${BASE_LEVELS:-$LEVELS} \
   --json "$OUT/bench_baselines.json" --write "$OUT/bench_baselines.md" > "$OUT/bench_baselines.log" 2>&1; echo "rc $?"
+timeout 40 python3 -m hope.cli bench $B --device $DEV --only arithmetic \
+  --json "$OUT/bench_arithmetic.json" --write "$OUT/bench_arithmetic.md" > "$OUT/bench_arithmetic.log" 2>&1; echo "rc $?"
 timeout 70 python3 -m hope.cli bench $B --device $DEV --only http --levels 1,16,64 \
   --json "$OUT/bench_http.json" --write "$OUT/bench_http.md" > "$OUT/bench_http.log" 2>&1; echo "rc $?"
-for part in engine baselines http; do grep -v "^\s*$" "$OUT/bench_$part.log" | tail -n 12; done
+for part in engine baselines arithmetic http; do grep -v "^\s*$" "$OUT/bench_$part.log" | tail -n 12; done
 fi
 
 if has train; then

@@ -12,7 +12,7 @@ import pytest
 import redis
 import torch
 
-from bench import baselines, gpu, http_load, state_io
+from bench import arithmetic, baselines, gpu, http_load, state_io
 from bench.timing import percentile
 from hope_core.checkpoint import load_checkpoint
 from hope_core.engine import Engine
@@ -61,6 +61,51 @@ def test_kv_cache_loop_decodes_like_full_recompute() -> None:
         ref = model(torch.cat([prompt, toks], 1))[:, -1]
     torch.testing.assert_close(dec.logits, ref, rtol=1e-4, atol=1e-5)
     assert baselines.kv_loop_speed(model, 2, 8, 8) > 0
+
+
+def test_flops_of_products_and_attention_forward_and_backward() -> None:
+    x = torch.randn(3, 8, 32, requires_grad=True)
+    w = torch.randn(64, 32, requires_grad=True)
+    product = 2 * 3 * 8 * 32 * 64
+    with arithmetic.MatmulFlops() as counter:
+        y = torch.nn.functional.linear(x, w)
+    assert counter.total == product
+    with arithmetic.MatmulFlops() as counter:
+        y.sum().backward()  # the input's gradient and the weight's: a product each
+    assert counter.total == 2 * product
+    with torch.inference_mode(), arithmetic.MatmulFlops() as counter:  # composite ops arrive whole here
+        torch.nn.functional.linear(x, w, torch.zeros(64))
+        (x[0] * 2).exp()  # element-wise: not counted
+    assert counter.total == product
+    q, k, v = (torch.randn(1, 2, n, 8, requires_grad=True) for n in (5, 7, 7))
+    attention = 2 * 2 * 5 * 7 * (8 + 8)  # q k^T and p v, per head
+    with arithmetic.MatmulFlops() as counter:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert counter.total == attention
+    with arithmetic.MatmulFlops() as counter:
+        out.sum().backward()
+    assert counter.total == 2 * attention
+
+
+def test_a_token_of_the_kv_loop_costs_twice_its_weights_and_its_attention() -> None:
+    cfg = baselines.GPTConfig(vocab_size=512, d_model=64, n_layers=3, n_heads=4, n_positions=128)
+    prompt, new = 16, 8
+    weights = cfg.n_layers * (4 * cfg.d_model**2 + 2 * cfg.mlp_ratio * cfg.d_model**2) + cfg.vocab_size * cfg.d_model
+    keys = sum(prompt + 1 + i for i in range(new)) / new  # a token attends to the prompt, the tokens before and itself
+    per_token = 2 * weights + cfg.n_layers * 4 * keys * cfg.d_model
+    assert arithmetic.kv_loop_flops(cfg, prompt, new) == pytest.approx(per_token, rel=0.02)
+
+
+def test_learning_adds_the_commits_arithmetic_to_hopes_tokens(tiny: Path) -> None:
+    engine = Engine(load_checkpoint(tiny))
+    off, on = arithmetic.hope_flops(engine, learn=False), arithmetic.hope_flops(engine, learn=True)
+    cfg = engine.cfg
+    # the decode step multiplies by every slow weight at least once (the logits' included)
+    assert off > 2 * cfg.vocab_size * cfg.d_model
+    # a commit re-runs the forward of its chunk and goes backward through it
+    assert on > 2 * off
+    rates = arithmetic.matmul_rates("cpu", torch.float32, [(16, 32, 64)], seconds=0.05)
+    assert rates[0].shape == "[16, 32] x [32, 64]" and rates[0].flops_per_s > 0
 
 
 def test_narrow_models_keep_the_ops_and_shrink_the_arithmetic(tiny: Path) -> None:
@@ -181,12 +226,12 @@ def test_quick_run_writes_the_report(tiny: Path, tmp_path: Path, capsys: pytest.
     from bench import cli
 
     md, js = tmp_path / "benchmarks.md", tmp_path / "bench.json"
-    cli.main(["--quick", "--device", "cpu", "--checkpoint", str(tiny), "--only", "engine,baselines,state_io",
+    cli.main(["--quick", "--device", "cpu", "--checkpoint", str(tiny), "--only", "engine,baselines,arithmetic,state_io",
               "--levels", "1,2", "--no-hf", "--write", str(md), "--json", str(js)])
     text = md.read_text()
     assert text == capsys.readouterr().out.rstrip("\n") + "\n"
     for heading in ("# Benchmarks", "## Targets (issue #4)", "## Single-session decode", "## Frozen baselines",
-                    "## Session state load and store"):
+                    "## Arithmetic per token", "## Session state load and store"):
         assert heading in text
     assert "command: `hope bench --quick --device cpu" in text
     assert f"torch {torch.__version__}" in text
@@ -196,6 +241,8 @@ def test_quick_run_writes_the_report(tiny: Path, tmp_path: Path, capsys: pytest.
     assert data["engine"]["single"]["learn_on"] > 0
     assert data["baselines"]["rows"][0]["tokens_per_s"] > 0
     assert any(r["method"] == "kv_loop_narrow" and r["tokens_per_s"] > 0 for r in data["baselines"]["rows"])
+    assert data["arithmetic"]["hope_on"] > data["arithmetic"]["hope_off"] > 0
+    assert "| plain KV loop | " in text and "| 1 | " in text.split("## Arithmetic per token")[1]
     assert data["failed"] == {}
     if data["engine"]["concurrency"]:  # the scheduler is there
         assert "## Concurrent sessions" in text
