@@ -536,8 +536,10 @@ def _titans_write(layer: dict[str, Tensor], upd, beta: Tensor, cap: float
     def capped(m: Tensor) -> Tensor:
         norm = m.norm(dim=(-2, -1), keepdim=True)
         # serving on the CPU knows for free whether any memory is over the cap (on CUDA it would
-        # wait on the device); when none is, the scale is exactly 1 and its pass is skipped
-        if not torch.is_grad_enabled() and not m.is_cuda and bool((norm <= cap).all()):
+        # wait on the device); when none is, the scale is exactly 1 and its pass is skipped.
+        # Serving's commit runs in grad mode (for the CMS gradient), so what tells a serving write
+        # from pre-training's is whether its memories carry a graph
+        if not m.requires_grad and not m.is_cuda and bool((norm <= cap).all()):
             return m
         return m * (cap / norm.clamp_min(cap))
 

@@ -23,6 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hope_testkit import make_model
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import hope_core.model as model_module
 from hope_core.model import HopeConfig, Learning, TitansMemory
@@ -150,6 +151,42 @@ def test_write_applies_the_norm_cap(self_modifying):
         new, _, _ = mem.write(layer, upd)
     n = new["mem_a"].norm(dim=(-2, -1))
     assert float((n - 0.5).abs().max()) <= 1e-9
+
+
+class MemoryShapedProducts(TorchDispatchMode):
+    """Counts the element-wise products whose result has the shape of the memories."""
+
+    def __init__(self, shape: torch.Size) -> None:
+        super().__init__()
+        self.shape, self.count = shape, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func._overloadpacket is torch.ops.aten.mul and out.shape == self.shape:
+            self.count += 1
+        return out
+
+
+def test_a_serving_write_under_the_cap_skips_the_caps_scale():
+    """Serving commits in grad mode (the CMS levels' gradient): a write whose memories carry no
+    graph and are all under the cap leaves out the scaling pass over them (a pass over every
+    session's memories, 7% of a 16-session commit), and writes the same memories."""
+    results = {}
+    for cap in (1e3, 0.5):  # every memory under the cap, then every one over it
+        mem = titans_module(True, mem_max_norm=cap).requires_grad_(False)  # as the engine holds it
+        layer, upd = random_inputs(mem.cfg, seed=3)
+        counter = MemoryShapedProducts(layer["mem_a"].shape)
+        with torch.enable_grad(), counter:
+            new, _, _ = mem.write(layer, upd)
+        results[cap] = counter.count, new
+    (under, new_under), (over, _) = results[1e3], results[0.5]
+    assert over == under + 1  # mem_a's scale (mem_b's has its own shape)
+    mem = titans_module(True, mem_max_norm=1e3)
+    layer, upd = random_inputs(mem.cfg, seed=3)
+    with torch.no_grad():
+        capped = model_module._titans_write(layer, upd, torch.sigmoid(mem.beta_logit).expand(upd[0].shape[0]), 1e3)
+    for key in new_under:
+        assert torch.equal(new_under[key], capped[0][key])
 
 
 @pytest.mark.parametrize("self_modifying", [True, False])
