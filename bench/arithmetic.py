@@ -16,6 +16,7 @@ FLOPs per token, which `matmul_rates` puts against what this machine reaches.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -36,10 +37,7 @@ def _attention_flops(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
     """q [B, H, L, E] against k [B, H, S, E] and v [B, H, S, Ev]: q k^T and then p v."""
     *lead, L, E = q.shape
     S, Ev = k.shape[-2], v.shape[-1]
-    n = 1
-    for x in lead:
-        n *= x
-    return 2 * n * L * S * (E + Ev)
+    return 2 * math.prod(lead) * L * S * (E + Ev)
 
 
 def _cpu_attention(q, k, v, *args, **kwargs) -> int:
