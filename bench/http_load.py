@@ -20,8 +20,9 @@ Measured per level:
   generator shares the machine, as `vllm bench serve` does; the server's only when this process
   started it, read from /proc: an engine process of its own is not counted).
 
-`engine_alone` runs the same requests on the engine's scheduler in this process, all arriving
-together and with no HTTP or store: set beside the HTTP table, it shows what serving costs.
+`engine_alone` runs the same requests on the engine's scheduler, all arriving together and with
+no HTTP or store (`run` starts it in a fresh process, as the server is): set beside the HTTP
+table, it shows what serving costs.
 
 `HopeServer` starts `hope serve` as a subprocess on a free loopback port with the in-memory store
 and limits set high enough for the levels, waits for /readyz, and stops it afterwards; with

@@ -297,13 +297,13 @@ def _arithmetic(r: BenchResults) -> list[str]:
         kv = b.speed("kv_loop", n)
         if not kv:
             continue
+        kv_rate, hope_rate = kv * a.kv_loop, hope * a.hope_on if hope else None  # FLOPs/s
         need = kv * a.hope_on  # HOPE's FLOPs/s at the KV loop's tokens/s
-        rows.append([str(n), _f(kv), _f(kv * a.kv_loop / 1e9, 1), _f(hope),
-                     _f(hope * a.hope_on / 1e9, 1) if hope else "-", _f(need / 1e9, 1),
+        rows.append([str(n), _f(kv), _f(kv_rate / 1e9, 1), _f(hope), _f(hope_rate, 1, 1e-9), _f(need / 1e9, 1),
                      _f(need / a.best_rate, 0, 100, "%")])
-        if n in r.target_batches() and hope:
-            verdicts.append(f"At batch {n} HOPE computes at {hope * a.hope_on / (kv * a.kv_loop):.2f}x the KV loop's "
-                            f"rate; at the loop's tokens/s it would need {need / 1e9:,.1f} GFLOP/s, "
+        if n in r.target_batches() and hope_rate:
+            verdicts.append(f"At batch {n} HOPE computes at {hope_rate / kv_rate:.2f}x the KV loop's rate; at the "
+                            f"loop's tokens/s it would need {need / 1e9:,.1f} GFLOP/s, "
                             f"{need / a.best_rate:.0%} of the fastest product measured here.")
     out += ["HOPE's tokens/s as in the baselines table (decode, learning on); GFLOP/s = tokens/s x FLOPs per token.",
             ""]
