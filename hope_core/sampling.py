@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -22,8 +23,8 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_tokens < 0:
             raise ValueError("max_tokens must be >= 0")
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
+        if not 0 <= self.temperature < math.inf:
+            raise ValueError("temperature must be >= 0 and finite")
         if not 0 < self.top_p <= 1:
             raise ValueError("top_p must be in (0, 1]")
         if self.top_k < 0:
@@ -71,7 +72,7 @@ def pick_tokens(logits: Tensor, params: list[SamplingParams],
     dev = logits.device
     u = torch.tensor([(g or _UNSEEDED).random() for g in generators]).to(dev, non_blocking=True)
     temp = torch.tensor([1.0 if is_greedy(p) else p.temperature for p in params], device=dev)
-    top_k = torch.tensor([p.top_k or V for p in params], device=dev)
+    top_k = torch.tensor([min(p.top_k, V) or V for p in params], device=dev)  # any k >= V: no limit
     top_p = torch.tensor([p.top_p for p in params], device=dev)
     scaled = logits.float() / temp[:, None]
     if bool((top_k < V).any() or (top_p < 1).any()):

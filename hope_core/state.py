@@ -81,9 +81,9 @@ class SessionState:
                    device: torch.device | str = "cpu") -> SessionState:
         """Parse and validate a state for `model` (whose checkpoint has `fingerprint`)."""
         try:
+            tensors = st_load(blob)  # safetensors' own parser checks the header first
             meta = _read_metadata(blob)
-            tensors = st_load(blob)
-        except (SafetensorError, ValueError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (SafetensorError, ValueError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise StateError(f"not a session state: {e}") from None
         if meta.get("format") != FORMAT:
             raise StateError(f"unknown state format {meta.get('format')!r}, expected {FORMAT!r}")
@@ -162,15 +162,21 @@ def _read_metadata(blob: bytes) -> dict[str, str]:
     return meta if isinstance(meta, dict) else {}
 
 
+# Counters beyond this are refused: no stream gets there (nine years at a million tokens a
+# second), and below it they neither overflow int64 as they grow nor lose exactness as the
+# float64 positions of the rotary embedding.
+COUNTER_LIMIT = 2**48
+
+
 def _check_counters(state: State, model: HopeLM) -> None:
     cfg = model.cfg
     n_committed, n_open = int(state.n_committed[0]), int(state.n_open[0])
-    if n_committed < 0 or n_committed % cfg.chunk:
-        raise StateError(f"n_committed {n_committed} is not a non-negative multiple of {cfg.chunk}")
+    if n_committed < 0 or n_committed % cfg.chunk or n_committed > COUNTER_LIMIT:
+        raise StateError(f"n_committed {n_committed} is not a multiple of {cfg.chunk} in [0, 2**48]")
     if not 0 <= n_open < cfg.chunk:
         raise StateError(f"n_open {n_open} out of range [0, {cfg.chunk})")
     tok = state.open_tokens
     if bool((tok < 0).any() or (tok >= cfg.vocab_size).any()):
         raise StateError("open_tokens out of the vocabulary")
-    if bool((state.updates < 0).any()):
-        raise StateError("negative update counters")
+    if bool((state.updates < 0).any() or (state.updates > COUNTER_LIMIT).any()):
+        raise StateError("update counters out of range [0, 2**48]")

@@ -18,6 +18,7 @@ from hope_core.checkpoint import load_checkpoint
 from hope_core.engine import Engine
 from hope_core.engine_process import EngineProcess
 from hope_core.scheduler import Scheduler, StepStats
+from server.auth import get_tenant
 from server.context import Context
 from server.errors import APIError, install_error_handlers
 from server.metrics import Metrics
@@ -106,7 +107,11 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         if request.url.path.startswith("/v1/") and not request.scope.get("hope.body_refused"):
             ctx.metrics.request_failure.labels(reason).inc()
 
-    install_error_handlers(app, count_failure, settings.overload_retry_after_s)
+    def authenticate(request: Request) -> None:
+        if request.url.path.startswith("/v1/"):
+            get_tenant(request, ctx)
+
+    install_error_handlers(app, count_failure, settings.overload_retry_after_s, authenticate)
     for module in (chat, completions, models, sessions, health):
         app.include_router(module.router)
     if settings.playground:

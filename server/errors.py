@@ -8,6 +8,7 @@ route, wrong method) and anything unexpected into that shape, and count the fail
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -85,12 +86,40 @@ def session_busy(message: str) -> APIError:
 
 
 def _param_of(loc: tuple[Any, ...]) -> str | None:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    # pydantic names the member of a union it tried ("str", "list[TextPart]",
+    # "function-after[...]"); a parameter's path holds field names and list indices only
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")
+             and not (isinstance(p, str) and (p in _TYPE_NAMES or "[" in p))]
     return ".".join(parts) or None
 
 
-def install_error_handlers(app: FastAPI, count_failure, retry_after: int) -> None:
-    """`count_failure(request, reason)` is called once for every error answer."""
+_TYPE_NAMES = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
+def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """The message and parameter of a request's validation errors: the most specific error
+    (the longest path: for a union, the member that got furthest), as OpenAI names one."""
+    if not errors:
+        return "invalid request", None
+    first = max(errors, key=lambda e: len(e.get("loc", ())))
+    loc, kind = tuple(first.get("loc", ())), first.get("type")
+    if kind == "json_invalid":
+        return "the body is not valid JSON", None
+    if loc == ("body",) and kind == "missing":
+        return "the request has no body: send a JSON object (Content-Type: application/json)", None
+    if loc == ("body",) and kind in ("model_attributes_type", "dict_type"):
+        return "the body must be a JSON object, sent with Content-Type: application/json", None
+    param = _param_of(loc)
+    message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+    return (f"{param}: {message}" if param else message), param
+
+
+def install_error_handlers(app: FastAPI, count_failure, retry_after: int,
+                           authenticate: Callable[[Request], object] | None = None) -> None:
+    """`count_failure(request, reason)` is called once for every error answer. `authenticate`
+    raises APIError for a request without a valid key: a malformed request is refused as
+    unauthenticated first, as a well-formed one is, so the body's errors tell a caller without
+    a key nothing."""
 
     @app.exception_handler(StoreUnavailable)
     async def _store(request: Request, exc: StoreUnavailable) -> JSONResponse:
@@ -107,14 +136,13 @@ def install_error_handlers(app: FastAPI, count_failure, retry_after: int) -> Non
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         # OpenAI answers malformed requests with 400 (not FastAPI's 422), naming the parameter
-        errors = exc.errors()
-        first = errors[0] if errors else {}
-        param = _param_of(tuple(first.get("loc", ())))
-        message = str(first.get("msg", "invalid request"))
-        if first.get("type") == "json_invalid":
-            message, param = "the body is not valid JSON", None
-        elif param:
-            message = f"{param}: {message}"
+        if authenticate is not None:
+            try:
+                authenticate(request)
+            except APIError as denied:
+                count_failure(request, denied.reason)
+                return denied.response()
+        message, param = _validation_message(list(exc.errors()))
         err = APIError(400, message, param=param, code="invalid_value")
         count_failure(request, err.reason)
         return err.response()

@@ -10,6 +10,7 @@ streams them, and commits the session only after the last one, if the client is 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
@@ -30,7 +31,7 @@ from server.context import Context
 from server.errors import APIError, bad_request, engine_unavailable, not_found, too_large
 from server.schemas import SamplingFields, SessionInfo, Surprise
 from server.sessions import Turn
-from server.stores.base import SESSION_ID_RE
+from server.stores.base import valid_session_id
 from server.worker import JobStream, Stopped
 
 log = logging.getLogger("hope.server")
@@ -46,12 +47,18 @@ def check_model(ctx: Context, model: str) -> str:
 
 
 def resolve_session_id(body_id: str | None, header_id: str | None, user: str | None) -> str | None:
-    """The session is `session_id` (or the X-Session-Id header), else `user`, else ephemeral."""
+    """The session is `session_id` (or the X-Session-Id header), else `user`, else ephemeral.
+
+    OpenAI's `user` is any string an application picked for its end user ("John Smith",
+    an e-mail with a space): one that is not a valid session id names the session
+    `user-<first 32 hex digits of its SHA-256>`, so that the same user keeps one memory."""
     body_id, header_id, user = body_id or None, header_id or None, user or None
     if body_id and header_id and body_id != header_id:
         raise bad_request("session_id and the X-Session-Id header name different sessions", param="session_id")
+    if not body_id and not header_id and user is not None and not valid_session_id(user):
+        return "user-" + hashlib.sha256(user.encode("utf-8", "surrogatepass")).hexdigest()[:32]
     sid, param = (body_id, "session_id") if body_id else (header_id, "X-Session-Id") if header_id else (user, "user")
-    if sid is not None and not SESSION_ID_RE.match(sid):
+    if sid is not None and not valid_session_id(sid):
         raise bad_request(f"{param} must be 1-128 characters of letters, digits and . _ - @ + "
                           "(not starting with '.')", param=param, code="invalid_session_id")
     return sid
@@ -60,7 +67,7 @@ def resolve_session_id(body_id: str | None, header_id: str | None, user: str | N
 def sampling_params(ctx: Context, req: SamplingFields, max_tokens: int | None, param: str,
                     stop_token_ids: Sequence[int]) -> SamplingParams:
     s = ctx.settings
-    n = s.default_max_tokens if max_tokens is None else max_tokens
+    n = min(s.default_max_tokens, s.max_tokens_limit) if max_tokens is None else max_tokens
     if n > s.max_tokens_limit:
         raise bad_request(f"{param} is {n}, the most this server generates is {s.max_tokens_limit}",
                           param=param, code="max_tokens_too_large")
@@ -69,10 +76,10 @@ def sampling_params(ctx: Context, req: SamplingFields, max_tokens: int | None, p
                           stop=list(req.stop or []), stop_token_ids=[] if req.ignore_eos else list(stop_token_ids))
 
 
-def check_prompt_size(ctx: Context, n_tokens: int) -> None:
+def check_prompt_size(ctx: Context, n_tokens: int, param: str) -> None:
     if n_tokens > ctx.settings.max_prompt_tokens:
         raise too_large(f"the prompt has {n_tokens} new tokens, the limit is {ctx.settings.max_prompt_tokens}",
-                        param="messages", code="prompt_too_long")
+                        param=param, code="prompt_too_long")
 
 
 # ---- the engine side of a turn (runs in the scheduler, batched with other requests) ------------

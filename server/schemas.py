@@ -3,14 +3,21 @@
 Extensions (all optional, ignored by OpenAI clients): requests take `session_id`, `learn`,
 `top_k` and `ignore_eos`; `stream_options.include_surprise` adds each token's loss to the
 stream; responses carry a `session` object (id, version, tokens absorbed, messages recognised as
-re-sent). Unknown OpenAI parameters (penalties, tools, ...) are accepted and ignored.
+re-sent).
+
+OpenAI parameters that would change the output and are not implemented (the penalties,
+`logit_bias`, `tools` and `functions`, a `response_format` other than text, completions'
+`suffix` and `best_of`) are refused with a 400 unless they hold their neutral value, which
+clients often send; silently ignoring them would answer a different request than the one made.
+Other unknown parameters (`metadata`, `store`, ...) are accepted and ignored. A null parameter
+is its default, as at OpenAI.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from server.stores.base import SESSION_ID_RE
 
@@ -23,6 +30,12 @@ def _only_one_choice(n: int) -> int:
     if n != 1:
         raise ValueError("only n=1 is supported (a session is one stream)")
     return n
+
+
+def _neutral(value: Any, neutral: bool, message: str) -> Any:
+    if not neutral:
+        raise ValueError(message)
+    return value
 
 
 def _stop_list(v: str | list[str] | None) -> list[str]:
@@ -58,10 +71,34 @@ class SamplingFields(BaseModel):
     learn: bool = True  # HOPE: false: the session is read, used and left unchanged
     ignore_eos: bool = False  # HOPE/vLLM extension: do not stop at end-of-turn/end-of-text tokens
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        # OpenAI's clients send unset parameters as null, which OpenAI reads as the default
+        # (completions' max_tokens: null is 16, as when it is left out)
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
+
+    # not implemented: refused unless neutral (see the module's docstring)
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[str, float] = Field(default_factory=dict)
+
     @field_validator("n")
     @classmethod
     def _one_choice(cls, v: int) -> int:
         return _only_one_choice(v)
+
+    @field_validator("frequency_penalty", "presence_penalty")
+    @classmethod
+    def _no_penalty(cls, v: float) -> float:
+        return _neutral(v, v == 0, "penalties are not supported; only 0")
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, v: dict[str, float]) -> dict[str, float]:
+        return _neutral(v, not v, "logit_bias is not supported; only an empty map")
 
     @field_validator("stop")
     @classmethod
@@ -96,6 +133,21 @@ class ChatRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=0)  # alternatives are not computed
+    # not implemented: refused unless neutral (see the module's docstring)
+    tools: list[Any] = Field(default_factory=list)
+    functions: list[Any] = Field(default_factory=list)
+    tool_choice: Literal["none", "auto"] = "none"
+    response_format: dict[str, Any] = Field(default_factory=lambda: {"type": "text"})
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _no_tools(cls, v: list[Any]) -> list[Any]:
+        return _neutral(v, not v, "tool and function calling are not supported; only an empty list")
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return _neutral(v, v.get("type") == "text", "only response_format {\"type\": \"text\"} is supported")
 
 
 class CompletionRequest(SamplingFields):
@@ -103,6 +155,19 @@ class CompletionRequest(SamplingFields):
     max_tokens: int | None = Field(16, ge=0)  # OpenAI's default; 0 with echo scores the prompt
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5)  # the sampled token's only: top_logprobs is null
+    # not implemented: refused unless neutral (see the module's docstring)
+    suffix: str = ""
+    best_of: int = 1
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, v: str) -> str:
+        return _neutral(v, not v, "suffix is not supported")
+
+    @field_validator("best_of")
+    @classmethod
+    def _one_best(cls, v: int) -> int:
+        return _neutral(v, v == 1, "only best_of=1 is supported (a session is one stream)")
 
     @field_validator("prompt")
     @classmethod

@@ -339,7 +339,7 @@ class Turn:
         try:
             ok = await m.store.commit(record, self.version, self.lock_token)
         except StoreUnavailable:
-            raise store_unavailable(m.settings.overload_retry_after_s) from None
+            ok = await self._settle(meta)
         if not ok:
             m.metrics.version_conflicts.inc()
             raise APIError(409, "the session changed while this request ran; nothing was stored",
@@ -347,6 +347,30 @@ class Turn:
         m.metrics.state_store.observe(time.perf_counter() - t0)
         m.metrics.state_bytes.observe(len(blob))
         return meta
+
+    async def _settle(self, meta: SessionMeta) -> bool:
+        """The store did not answer a commit, which it may still have applied (Redis stalled
+        past the client's timeout runs the script it already received): find out which, so
+        that "try again" is said only when trying again cannot absorb the request twice. The
+        lock goes first: a commit still queued in the store then fails its token check, and the
+        version read afterwards is final. True: the commit is stored."""
+        m = self.manager
+        retry_after = {"Retry-After": str(m.settings.overload_retry_after_s)}
+        unknown = APIError(503, "the session store did not answer the commit, so whether this request was "
+                           "stored is unknown; read the session's version before sending it again",
+                           code="store_outcome_unknown", reason="store_unavailable", headers=retry_after)
+        if self.lock_token is None or not self.session_id:
+            raise unknown
+        try:
+            await m.store.release_lock(self.tenant, self.session_id, self.lock_token)
+            stored = await m.store.get_meta(self.tenant, self.session_id)
+        except StoreUnavailable:
+            raise unknown from None
+        mine = (meta.uid, meta.version, meta.updated)
+        if stored is not None and (stored.uid, stored.version, stored.updated) == mine:
+            log.warning("a commit the store did not answer was stored", extra={"session": self.session_id})
+            return True
+        raise store_unavailable(m.settings.overload_retry_after_s)
 
     async def _keep_lock(self) -> None:
         """Renew the lock's lease while the request runs; a lost lock makes the commit fail."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import re
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -12,7 +11,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-TENANT_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+from server.stores.base import valid_tenant
+
 DEFAULT_TENANT = "default"
 
 
@@ -40,7 +40,7 @@ class Settings(BaseSettings):
     max_waiting_requests: int = Field(32, ge=0)  # queued for a slot or a session (429 beyond)
     max_prompt_tokens: int = Field(8192, ge=1)  # new tokens absorbed by one request (413 beyond)
     max_tokens_limit: int = Field(4096, ge=1)  # largest max_tokens a request may ask for (400 beyond)
-    default_max_tokens: int = Field(256, ge=0)  # when a request gives none
+    default_max_tokens: int = Field(256, ge=1)  # when a request gives none (capped by the limit)
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)  # JSON bodies (413 beyond)
     max_state_bytes: int = Field(64 * 1024 * 1024, ge=1024)  # imported/stored state blobs (413 beyond)
     overload_retry_after_s: int = Field(1, ge=1)  # Retry-After of 429 and 503 answers
@@ -104,7 +104,7 @@ def parse_api_keys(spec: str) -> dict[str, str]:
     keys: dict[str, str] = {}
     for item in filter(None, (part.strip() for part in spec.split(","))):
         tenant, sep, key = item.partition(":")
-        if not sep or not key or not TENANT_RE.match(tenant):
+        if not sep or not key or not valid_tenant(tenant):
             raise ValueError("HOPE_API_KEYS must be 'tenant:key' pairs separated by commas, "
                              "tenants made of letters, digits, '.', '_' or '-'")
         if key in keys and keys[key] != tenant:

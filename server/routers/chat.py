@@ -71,7 +71,8 @@ async def chat_completions(body: ChatRequest, request: Request, ctx: Ctx,
     session_id = resolve_session_id(body.session_id, x_session_id, body.user)
     tok = sessions.engine.tokenizer
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    params = sampling_params(ctx, body, max_tokens, "max_tokens", [tok.end_id, tok.eot_id])
+    param = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"
+    params = sampling_params(ctx, body, max_tokens, param, [tok.end_id, tok.eot_id])
     messages = [(m.template_role(), m.text()) for m in body.messages]
     digests = [message_digest(role, content) for role, content in messages]
 
@@ -80,7 +81,7 @@ async def chat_completions(body: ChatRequest, request: Request, ctx: Ctx,
         resent = turn.resent_prefix(digests)
         prompt = [t for role, content in messages[resent:] for t in tok.encode_message(role, content)]
         prompt.append(tok.role_ids["assistant"])
-        check_prompt_size(ctx, len(prompt))
+        check_prompt_size(ctx, len(prompt), "messages")
         run = TurnRun(ctx, turn, Plan(prompt, params, body.learn, close_turn=tok.end_id), started)
     except BaseException:
         await turn.release()
@@ -158,7 +159,11 @@ async def _events(run: TurnRun, body: ChatRequest, completion_id: str, created: 
     info.resent_messages = resent
     out = run.output
     assert out is not None and out.generation is not None
-    yield chunk(Delta(), finish_reason=out.generation.finish_reason, session=info)
+    # tokens whose text a stop string cut were never sent: their log-probabilities close the
+    # stream, so that it lists every generated token, as the whole answer does
+    leftover = _token_logprobs(tok, [e.token_id for e in pending], [e.logprob for e in pending]) \
+        if body.logprobs and pending else None
+    yield chunk(Delta(), finish_reason=out.generation.finish_reason, session=info, logprobs=leftover)
     if include_usage:
         n_prompt, n_gen = len(run.plan.prompt), len(out.generation.token_ids)
         usage = ChatCompletionChunk(id=completion_id, created=created, model=model, choices=[],

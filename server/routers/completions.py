@@ -43,19 +43,29 @@ router = APIRouter(tags=["completions"])
 log = logging.getLogger("hope.server")
 
 
-def legacy_logprobs(tokenizer, token_ids: Sequence[int], logprobs: Sequence[float], offset: int = 0
-                    ) -> CompletionLogprobs:
-    """Per token: its text, log-probability, and where its text starts (after `offset` chars).
-
-    Offsets follow the incremental UTF-8 decoding, so a token that only completes a character
-    begun by the previous one starts where that character does."""
-    decoder = tokenizer.stream_decoder()
-    offsets, emitted = [], 0
-    for t in token_ids:
-        offsets.append(offset + emitted)
-        emitted += len(decoder.push(t))
+def legacy_logprobs(tokenizer, token_ids: Sequence[int], logprobs: Sequence[float],
+                    offset: int | _Offsets = 0) -> CompletionLogprobs:
+    """Per token: its text, log-probability, and where its text starts (after `offset` chars,
+    or where a stream's `_Offsets` has got to)."""
+    offsets = _Offsets(tokenizer, offset) if isinstance(offset, int) else offset
     return CompletionLogprobs(tokens=[tokenizer.decode([t]) for t in token_ids], token_logprobs=list(logprobs),
-                              top_logprobs=None, text_offset=offsets)
+                              top_logprobs=None, text_offset=offsets.take(token_ids))
+
+
+class _Offsets:
+    """Where each token's text starts after `start` characters, token after token. Offsets
+    follow the incremental UTF-8 decoding, so a token that only completes a character begun by
+    the previous one starts where that character does."""
+
+    def __init__(self, tokenizer, start: int) -> None:
+        self.decoder, self.pos = tokenizer.stream_decoder(), start
+
+    def take(self, token_ids: Sequence[int]) -> list[int]:
+        out = []
+        for t in token_ids:
+            out.append(self.pos)
+            self.pos += len(self.decoder.push(t))
+        return out
 
 
 def _merge(a: CompletionLogprobs | None, b: CompletionLogprobs) -> CompletionLogprobs:
@@ -78,7 +88,7 @@ async def completions(body: CompletionRequest, request: Request, ctx: Ctx,
     prompt = tok.encode(prompt_text)
     if not prompt and params.max_tokens == 0:
         raise APIError(400, "nothing to do: an empty prompt and max_tokens=0", param="prompt", code="invalid_value")
-    check_prompt_size(ctx, len(prompt))
+    check_prompt_size(ctx, len(prompt), "prompt")
 
     turn = await sessions.begin(tenant, session_id, learn=body.learn)
     try:
@@ -138,8 +148,17 @@ async def _events(run: TurnRun, body: CompletionRequest, prompt_text: str, compl
                        choices=[CompletionChoice(text=text, logprobs=logprobs, finish_reason=finish)], **extra)
         return sse(dump(c))
 
-    pending: list[TokenEvent] = []
-    offset = 0  # characters of text sent so far (for text_offset)
+    pending: list[TokenEvent] = []  # tokens not yet sent (their text may still be held back)
+    # a token's text_offset is where its text starts in the choice's text, as in the whole
+    # answer: counted over the tokens' decoded text, not over the text sent so far, which lags
+    # behind while text that may begin a stop string is held back
+    offsets = _Offsets(tok, len(prompt_text) if body.echo else 0)
+
+    def logprobs_of(events: list[TokenEvent]) -> CompletionLogprobs | None:
+        if body.logprobs is None or not events:
+            return None
+        return legacy_logprobs(tok, [e.token_id for e in events], [e.logprob for e in events], offsets)
+
     async for item in run.events():
         if isinstance(item, PromptAbsorbed):
             if body.echo or include_surprise:
@@ -148,20 +167,18 @@ async def _events(run: TurnRun, body: CompletionRequest, prompt_text: str, compl
                             if body.echo and body.logprobs is not None else None)
                 surprise = surprise_of(tok, item.token_ids, item.logprobs) if include_surprise else None
                 yield chunk(text, logprobs=logprobs, surprise=surprise)
-                offset += len(text)
             continue
         if item.token_id >= 0:
             pending.append(item)
         if not item.text and not include_surprise:
             continue
-        ids, lps = [e.token_id for e in pending], [e.logprob for e in pending]
-        yield chunk(item.text,
-                    logprobs=legacy_logprobs(tok, ids, lps, offset) if body.logprobs is not None else None,
-                    surprise=surprise_of(tok, ids, lps) if include_surprise else None)
-        offset += len(item.text)
+        yield chunk(item.text, logprobs=logprobs_of(pending),
+                    surprise=surprise_of(tok, [e.token_id for e in pending], [e.logprob for e in pending])
+                    if include_surprise else None)
         pending = []
     info = await run.finish()
-    yield chunk("", finish_reason=run.finish_reason, session=info)
+    # tokens whose text a stop string cut were never sent: their log-probabilities close the stream
+    yield chunk("", finish_reason=run.finish_reason, session=info, logprobs=logprobs_of(pending))
     if opts and opts.include_usage:
         out = run.output
         assert out is not None

@@ -7,7 +7,8 @@ A stored session is three things kept apart, so that listing and metadata never 
   each, concatenated; only the most recent ones are kept.
 
 Writes are compare-and-set on the version: `commit(record, expected_version, lock_token)`
-succeeds only when the stored version is still `expected_version` (0: no session yet) and,
+succeeds only when the stored version is still `expected_version` (0: no session yet) of the
+same session (`uid`: not one deleted and made again meanwhile, by a fork, with the same version) and,
 when a lock token is given, that token still holds the session's lock. The lock is the
 serialisation between requests (and replicas); its token is a fencing token, so a holder whose
 lease expired (a long pause, a partition) can never overwrite the work of the next holder.
@@ -25,8 +26,10 @@ from dataclasses import dataclass, field, replace
 from urllib.parse import urlsplit
 
 # A session id is also a key component and a URL path segment: letters, digits and . _ - @ +,
-# not starting with a dot (no "..", no "/", no braces, colons or whitespace).
+# not starting with a dot (no "..", no "/", no braces, colons or whitespace). Check it with
+# `valid_session_id`: Python's `match` lets "$" match before a final newline.
 SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_@+-][A-Za-z0-9._@+-]{0,127}$")
+TENANT_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 DIGEST_BYTES = 8
 
 
@@ -34,10 +37,18 @@ class StoreUnavailable(RuntimeError):
     """The store cannot be reached or answered with an I/O error (the server answers 503)."""
 
 
+def valid_session_id(session_id: str) -> bool:
+    return SESSION_ID_RE.fullmatch(session_id) is not None
+
+
+def valid_tenant(tenant: str) -> bool:
+    return TENANT_RE.fullmatch(tenant) is not None
+
+
 def check_key(tenant: str, session_id: str) -> None:
     """Defence in depth: the HTTP layer validates ids too, but a store never builds a key from
     an unchecked one."""
-    if not SESSION_ID_RE.match(session_id) or not re.match(r"^[A-Za-z0-9._-]{1,64}$", tenant):
+    if not valid_session_id(session_id) or not valid_tenant(tenant):
         raise ValueError(f"invalid tenant or session id: {tenant!r} {session_id!r}")
 
 
@@ -117,8 +128,9 @@ class StateStore(ABC):
 
     @abstractmethod
     async def commit(self, record: SessionRecord, expected_version: int, lock_token: str | None) -> bool:
-        """Write `record` if the stored version is `expected_version` (0: absent) and the lock is
-        still held with `lock_token` (when given). False: nothing was written."""
+        """Write `record` if the stored version is `expected_version` (0: absent) with the uid
+        `record.meta.uid`, and the lock is still held with `lock_token` (when given). False:
+        nothing was written."""
 
     @abstractmethod
     async def create(self, record: SessionRecord) -> bool:

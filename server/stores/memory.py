@@ -59,6 +59,8 @@ class MemoryStore(StateStore):
         current = self._get(tenant, sid)
         if (current.meta.version if current else 0) != expected_version:
             return False
+        if current is not None and current.meta.uid != record.meta.uid:  # deleted and made again
+            return False
         if lock_token is not None and not self._holds(tenant, sid, lock_token):
             return False
         self._put(record)

@@ -10,14 +10,18 @@ and one Lua script can touch them all atomically:
     <prefix>:{tenant:session}:fence   counter: the last fencing token handed out
     <prefix>:idx:{tenant}             sorted set of the tenant's session ids, for listing by id
 
-A commit is one Lua script: compare the stored version, check that the caller's token still
-holds the lock, then write meta, state and history and refresh their TTL. The index lives in
+A commit is one Lua script: compare the stored version and uid, check that the caller's token
+still holds the lock, then write state, history and meta and refresh their TTL. A full Redis
+(maxmemory) refuses a script's first write command that may grow memory, and lets the rest of
+a script run once one write has: so each script's first write is such a command (SET, HSET,
+INCR), and a full Redis refuses the whole script, never half of it. The index lives in
 another slot, so it is updated after the commit and cleaned lazily when listing meets a session
 that expired.
 """
 
 from __future__ import annotations
 
+import logging
 import secrets
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -26,14 +30,17 @@ from redis import exceptions as rex
 
 from server.stores.base import Page, SessionMeta, SessionRecord, StateStore, StoreUnavailable, check_key
 
+log = logging.getLogger("hope.store")
+
 _COMMIT = """
-local cur = redis.call('HGET', KEYS[1], 'version')
-if (cur or '0') ~= ARGV[1] then return 0 end
+local cur = redis.call('HMGET', KEYS[1], 'version', 'uid')
+if (cur[1] or '0') ~= ARGV[1] then return 0 end
+if ARGV[1] ~= '0' and cur[2] ~= ARGV[6] then return 0 end
 if ARGV[2] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[2] then return -1 end
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], unpack(ARGV, 6))
 redis.call('SET', KEYS[2], ARGV[4])
 redis.call('SET', KEYS[3], ARGV[5])
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 7))
 local ttl = tonumber(ARGV[3])
 for i = 1, 3 do
   if ttl > 0 then redis.call('PEXPIRE', KEYS[i], ttl) else redis.call('PERSIST', KEYS[i]) end
@@ -71,8 +78,10 @@ return 0
 """
 
 # Errors that mean "Redis is not there right now" (503), as opposed to a bug (500).
+# A full Redis (maxmemory with noeviction, as docs/deploy.md sets it) refuses writes until keys
+# expire or memory is added: unavailable for now, not a bug.
 _UNAVAILABLE = (rex.ConnectionError, rex.TimeoutError, rex.BusyLoadingError, rex.ReadOnlyError,
-                rex.ClusterDownError, rex.TryAgainError, OSError)
+                rex.ClusterDownError, rex.TryAgainError, rex.OutOfMemoryError, OSError)
 
 
 def _ms(seconds: float) -> int:
@@ -154,10 +163,10 @@ class RedisStore(StateStore):
             raise ValueError("a stored session needs its state")
         keys = self._keys(m.tenant, m.session_id, "meta", "state", "hist", "lock")
         args = [str(expected_version), lock_token or "", _ms(self.ttl_s), record.state, record.history,
-                *self._fields(m)]
+                m.uid, *self._fields(m)]
         ok = await self._call(self._commit(keys=keys, args=args)) == 1
         if ok:
-            await self._call(self._redis.zadd(self.index_key(m.tenant), {m.session_id: 0}))
+            await self._index(m)
         return ok
 
     async def create(self, record: SessionRecord) -> bool:
@@ -168,8 +177,18 @@ class RedisStore(StateStore):
         args = [_ms(self.ttl_s), record.state, record.history, *self._fields(m)]
         ok = await self._call(self._create(keys=keys, args=args)) == 1
         if ok:
-            await self._call(self._redis.zadd(self.index_key(m.tenant), {m.session_id: 0}))
+            await self._index(m)
         return ok
+
+    async def _index(self, meta: SessionMeta) -> None:
+        """List a session that was just written. The write is done whatever happens here: a
+        failure (Redis full or gone since) is logged, not raised, and the session is listed
+        again by its next commit."""
+        try:
+            await self._call(self._redis.zadd(self.index_key(meta.tenant), {meta.session_id: 0}))
+        except StoreUnavailable:
+            log.warning("redis store: a written session could not be indexed for listing",
+                        extra={"session": meta.session_id}, exc_info=True)
 
     async def delete(self, tenant: str, session_id: str) -> bool:
         meta_k, state_k, hist_k, fence_k = self._keys(tenant, session_id, "meta", "state", "hist", "fence")
@@ -180,7 +199,12 @@ class RedisStore(StateStore):
                 return await pipe.execute()
 
         found = (await self._call(run()))[0] == 1
-        await self._call(self._redis.zrem(self.index_key(tenant), session_id))
+        index = self.index_key(tenant)
+        await self._call(self._redis.zrem(index, session_id))
+        # the index lives in another slot, so this is a second step: a session created again
+        # between the two (its own index entry added before our removal) is put back
+        if await self._call(self._redis.exists(meta_k)):
+            await self._call(self._redis.zadd(index, {session_id: 0}))
         return found
 
     async def list(self, tenant: str, after: str | None = None, limit: int = 20) -> Page:

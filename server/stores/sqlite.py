@@ -13,6 +13,7 @@ on one machine can share it. All calls run on one dedicated thread (sqlite3 is b
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import sqlite3
 import time
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from server.stores.base import Page, SessionMeta, SessionRecord, StateStore, StoreUnavailable, check_key
+
+log = logging.getLogger("hope.store")
 
 T = TypeVar("T")
 
@@ -43,6 +46,7 @@ CREATE TABLE IF NOT EXISTS locks (
 _META_COLS = ("tenant, session_id, uid, version, created, updated, tokens_absorbed, updates, "
               "state_bytes, checkpoint, dtype, history_total, last_update_norms")
 _PURGE_EVERY = 200  # commits between sweeps of expired sessions
+_BUSY_TIMEOUT_S = 10.0  # how long a write waits for another process's transaction
 
 
 def sqlite_path(url: str) -> Path:
@@ -67,7 +71,7 @@ class SQLiteStore(StateStore):
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
+            conn = sqlite3.connect(self.path, isolation_level=None, timeout=_BUSY_TIMEOUT_S)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.executescript(_SCHEMA)
             columns = {row[1] for row in conn.execute("PRAGMA table_info(sessions)")}
@@ -157,8 +161,8 @@ class SQLiteStore(StateStore):
             changed = db.execute(
                 "UPDATE sessions SET uid=?, version=?, created=?, updated=?, tokens_absorbed=?, updates=?, "
                 "state_bytes=?, checkpoint=?, dtype=?, history_total=?, last_update_norms=?, expires=? "
-                "WHERE tenant=? AND session_id=? AND version=?",
-                (*values, m.tenant, m.session_id, expected_version)).rowcount
+                "WHERE tenant=? AND session_id=? AND version=? AND uid=?",
+                (*values, m.tenant, m.session_id, expected_version, m.uid)).rowcount
             if not changed:
                 return False
         db.execute("INSERT OR REPLACE INTO blobs (tenant, session_id, state, history) VALUES (?,?,?,?)",
@@ -192,7 +196,10 @@ class SQLiteStore(StateStore):
             ok = self._transaction(db, body)
             self._commits += 1
             if self._commits % _PURGE_EVERY == 0:
-                self._purge(db)
+                try:
+                    self._purge(db)
+                except sqlite3.Error:  # the commit is stored: its answer does not depend on this
+                    log.warning("sqlite store: sweeping expired sessions failed", exc_info=True)
             return ok
 
         return await self._run(tx)
@@ -279,11 +286,25 @@ class SQLiteStore(StateStore):
 
     @staticmethod
     def _purge(db: sqlite3.Connection) -> None:
+        """Sweep expired sessions, if the write lock is free right now. It runs after a commit
+        that is already stored, so it must neither fail that commit nor make it wait for another
+        process's transaction: a busy database skips the sweep until the next one."""
         now = time.time()
-        db.execute("BEGIN IMMEDIATE")
-        db.execute("DELETE FROM blobs WHERE (tenant, session_id) IN "
-                   "(SELECT tenant, session_id FROM sessions WHERE expires>0 AND expires<=?)", (now,))
-        db.execute("DELETE FROM sessions WHERE expires>0 AND expires<=?", (now,))
+        db.execute("PRAGMA busy_timeout=0")
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError:
+            log.debug("sqlite store busy: expired sessions are swept later")
+            return
+        finally:
+            db.execute(f"PRAGMA busy_timeout={int(_BUSY_TIMEOUT_S * 1000)}")
+        try:
+            db.execute("DELETE FROM blobs WHERE (tenant, session_id) IN "
+                       "(SELECT tenant, session_id FROM sessions WHERE expires>0 AND expires<=?)", (now,))
+            db.execute("DELETE FROM sessions WHERE expires>0 AND expires<=?", (now,))
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
         db.execute("COMMIT")
 
     async def close(self) -> None:

@@ -198,6 +198,10 @@ def test_refuses_malformed_headers(engine, learned):
     _refused(engine, _rebuild(blob, meta={"format": None}), "format")
     _refused(engine, _rebuild(blob, meta={"version": "one"}), "version")
     _refused(engine, _rebuild(blob, meta={"version": None}), "version")
+    deep = b"[" * 100_000 + b"]" * 100_000  # deeper than Python's json recursion allows
+    _refused(engine, len(deep).to_bytes(8, "little") + deep)
+    nested_meta = b'{"__metadata__": {"format": ' + b"[" * 100_000 + b"]" * 100_000 + b"}}"
+    _refused(engine, len(nested_meta).to_bytes(8, "little") + nested_meta)
 
 
 @pytest.mark.parametrize("name", ["layers.0.mem_a", "layers.1.mom_b", "layers.0.attn_v",
@@ -217,11 +221,13 @@ def test_refuses_non_finite_tensors(engine, learned, name, bad, dtype):
     ("n_committed", -4), ("n_committed", 3), ("n_committed", "chunk-1"),
     ("open_tokens", "vocab"), ("open_tokens", -1),
     ("updates", -1),
+    # beyond any stream, and where counting on would overflow int64 (or rope lose positions)
+    ("n_committed", "near-int64"), ("updates", 2**63 - 1), ("updates", 2**48 + 1),
 ])
 def test_refuses_out_of_range_counters(engine, learned, name, value):
     blob = learned.to_bytes()
     C, V = engine.cfg.chunk, engine.cfg.vocab_size
-    value = {"chunk": C, "chunk+5": C + 5, "chunk-1": C - 1, "vocab": V}.get(value, value)
+    value = {"chunk": C, "chunk+5": C + 5, "chunk-1": C - 1, "vocab": V, "near-int64": 2**63 - C}.get(value, value)
     t = st_load(blob)[name].clone()
     t.view(-1)[-1] = value
     _refused(engine, _rebuild(blob, tensors={name: t}))

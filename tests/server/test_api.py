@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 
+import httpx
 import pytest
 import torch
 from safetensors.torch import load
@@ -108,6 +109,40 @@ async def test_session_named_by_header_or_user(engine: Engine) -> None:
         ids = [s["id"] for s in (await api.client.get("/v1/sessions")).json()["data"]]
         assert ids == ["alice@example.com", "by-header", "same"]
         await api.chat("hi", session="a", headers={"X-Session-Id": "b"}, expect=400)
+        # OpenAI's `user` is any string: one that is no session id names a session by its hash
+        first = await api.chat("hi", user="John Smith")
+        again = await api.chat("hi again", user="John Smith")
+        other = await api.chat("hi", user="John Smith\n")
+        sid = first["session"]["id"]
+        assert sid.startswith("user-") and len(sid) == 5 + 32 and again["session"]["id"] == sid
+        assert again["session"]["version"] == 2 and other["session"]["id"] not in (sid, "John Smith\n")
+
+
+async def test_null_parameters_are_their_defaults(engine: Engine) -> None:
+    async with running_app(engine) as api:
+        nulls = dict(n=None, stream=None, logprobs=None, top_k=None, temperature=None, top_p=None, seed=None,
+                     stop=None, stream_options=None, learn=None, ignore_eos=None, max_completion_tokens=None)
+        out = await api.chat("hi", session="nulls", max_tokens=None, **nulls)
+        assert out["object"] == "chat.completion" and out["choices"][0]["logprobs"] is None
+        assert out["session"]["version"] == 1  # learn: null is learn: true
+        body = {"model": api.model, "prompt": "Once", "max_tokens": None, "echo": None, "logprobs": None,
+                "temperature": 0, "ignore_eos": True}
+        r = await api.client.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 16  # OpenAI's default, as when left out
+
+
+async def test_default_max_tokens_is_capped_by_the_limit(engine: Engine) -> None:
+    async with running_app(engine, max_tokens_limit=6) as api:  # the default (256) is above it
+        out = await api.chat("hi", max_tokens=None, ignore_eos=True)
+        assert out["usage"]["completion_tokens"] == 6
+
+
+async def test_a_huge_top_k_is_no_limit(engine: Engine) -> None:
+    async with running_app(engine) as api:
+        huge = await api.chat("hi", session="k1", top_k=10**30, temperature=0.8, seed=3, max_tokens=6)
+        none = await api.chat("hi", session="k2", top_k=0, temperature=0.8, seed=3, max_tokens=6)
+        assert huge["choices"] == none["choices"]
 
 
 async def test_content_parts_and_developer_role(engine: Engine) -> None:
@@ -150,6 +185,44 @@ async def test_streaming_chat_format(engine: Engine) -> None:
         text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
         plain = await api.chat("stream please", max_tokens=12)  # ephemeral, same greedy reply
         assert text == plain["choices"][0]["message"]["content"]
+
+
+def _stream_chunks(r: httpx.Response) -> list[dict]:
+    events = [line[len("data: "):] for line in r.text.split("\n\n") if line]
+    assert r.status_code == 200 and events[-1] == "[DONE]", r.text
+    return [json.loads(e) for e in events[:-1]]
+
+
+async def test_streamed_logprobs_match_the_whole_answer_around_stop_strings(engine: Engine) -> None:
+    """Text held back for a possible stop string arrives later than its tokens: the streamed
+    text offsets must still be the tokens' own, and tokens whose text a stop string cut must
+    still be listed, as in the answer that is not streamed."""
+    async with running_app(engine) as api:
+        base = {"model": api.model, "prompt": "Once upon a time", "max_tokens": 12, "temperature": 0,
+                "logprobs": 0, "ignore_eos": True, "learn": False}
+        whole = (await api.client.post("/v1/completions", json=base)).json()["choices"][0]
+        text = whole["text"]
+        assert len(text) >= 6, text
+        for stop in ("never-in-the-text", text[len(text) // 2:len(text) // 2 + 3]):
+            for echo in (False, True):
+                body = base | {"stop": [stop], "echo": echo}
+                plain = (await api.client.post("/v1/completions", json=body)).json()
+                chunks = _stream_chunks(await api.client.post("/v1/completions", json=body | {"stream": True}))
+                streamed = [c["choices"][0]["logprobs"] for c in chunks if c["choices"] and c["choices"][0]["logprobs"]]
+                for key in ("tokens", "token_logprobs", "text_offset"):
+                    assert [x for lp in streamed for x in lp[key]] == plain["choices"][0]["logprobs"][key], (stop, key)
+                assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == plain["choices"][0]["text"]
+        chat = {"model": api.model, "messages": [{"role": "user", "content": "Once upon a time"}], "max_tokens": 12,
+                "temperature": 0, "logprobs": True, "ignore_eos": True, "learn": False}
+        reply = (await api.client.post("/v1/chat/completions", json=chat)).json()["choices"][0]["message"]["content"]
+        assert len(reply) >= 6, reply
+        body = chat | {"stop": [reply[len(reply) // 2:len(reply) // 2 + 3]]}
+        plain = (await api.client.post("/v1/chat/completions", json=body)).json()
+        chunks = _stream_chunks(await api.client.post("/v1/chat/completions", json=body | {"stream": True}))
+        streamed = [x for c in chunks if c["choices"] and c["choices"][0]["logprobs"]
+                    for x in c["choices"][0]["logprobs"]["content"]]
+        assert streamed == plain["choices"][0]["logprobs"]["content"]
+        assert len(streamed) == plain["usage"]["completion_tokens"]
 
 
 async def test_completions_score_only(engine: Engine) -> None:

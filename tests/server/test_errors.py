@@ -30,7 +30,7 @@ def chat_body(api: Api, **extra) -> dict:
 
 
 async def test_400_bad_input(engine: Engine) -> None:
-    async with running_app(engine, max_tokens_limit=64) as api:
+    async with running_app(engine, max_tokens_limit=64, max_prompt_tokens=512) as api:
         post = api.client.post
         r = await post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
         assert_error(r, 400)
@@ -48,8 +48,32 @@ async def test_400_bad_input(engine: Engine) -> None:
         for bad in ("../etc/passwd", "a b", "{acme:x}", "x" * 200, ".hidden"):
             assert_error(await post("/v1/chat/completions", json=chat_body(api, session_id=bad)), 400,
                          param="session_id", code="invalid_session_id")
-        assert_error(await post("/v1/chat/completions", json=chat_body(api, user="no spaces please")), 400,
-                     param="user")
+        assert_error(await post("/v1/chat/completions", json=chat_body(api, max_completion_tokens=65)), 400,
+                     param="max_completion_tokens", code="max_tokens_too_large")
+        # OpenAI parameters this server does not implement: refused unless neutral
+        for name, value in (("frequency_penalty", 0.5), ("presence_penalty", -1), ("logit_bias", {"1": 5}),
+                            ("tools", [{"type": "function", "function": {"name": "f"}}]),
+                            ("functions", [{"name": "f"}]), ("response_format", {"type": "json_object"}),
+                            ("tool_choice", "required")):
+            err = assert_error(await post("/v1/chat/completions", json=chat_body(api, **{name: value})), 400,
+                               param=name)
+            assert not err["message"].startswith(f"{name}: Value error"), err
+        for name, value in (("suffix", "end"), ("best_of", 3)):
+            r = await post("/v1/completions", json={"model": api.model, "prompt": "x", name: value})
+            assert_error(r, 400, param=name)
+        assert_error(await post("/v1/completions", json={"model": api.model, "prompt": "word " * 600}), 413,
+                     param="prompt")
+        # a union's member is not part of the parameter's name
+        err = assert_error(await post("/v1/chat/completions", json=image), 400, param="messages.0.content.0.type")
+        assert "'text'" in err["message"]
+        assert_error(await post("/v1/chat/completions", json=chat_body(api, stop=5)), 400, param="stop")
+        # a body that is no JSON object says so
+        r = await post("/v1/chat/completions", content=b"model=x", headers={"content-type": "text/plain"})
+        assert "JSON object" in assert_error(r, 400)["message"]
+        assert "no body" in assert_error(await post("/v1/chat/completions"), 400)["message"]
+        for bad in ("a\n", "a\r"):  # "$" of a Python regex matches before a final newline
+            assert_error(await post("/v1/chat/completions", json=chat_body(api, session_id=bad)), 400,
+                         param="session_id", code="invalid_session_id")
         r = await post("/v1/chat/completions", json=chat_body(api, session_id="a"), headers={"X-Session-Id": "b"})
         assert_error(r, 400, param="session_id")
         assert_error(await api.client.get("/v1/sessions/bad%20id"), 400, param="session_id")
@@ -66,6 +90,11 @@ async def test_401_without_or_with_a_wrong_key(engine: Engine) -> None:
                 r = await api.client.request(method, path, headers=headers, json=chat_body(api))
                 assert_error(r, 401)
                 assert r.headers["WWW-Authenticate"] == "Bearer"
+        # a malformed request without a key is refused for the key first: its errors say nothing
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            r = await api.client.post("/v1/chat/completions", content=b"{not json", headers=headers)
+            assert_error(r, 401)
+            assert_error(await api.client.post("/v1/chat/completions", json={"messages": []}, headers=headers), 401)
         ok = await api.client.get("/v1/models", headers={"Authorization": "Bearer secret"})
         assert ok.status_code == 200
         assert (await api.client.get("/healthz")).status_code == 200  # probes need no key

@@ -12,7 +12,7 @@ import redis
 
 from server.stores import SessionMeta, SessionRecord, StateStore, StoreUnavailable, open_store
 from server.stores.sqlite import sqlite_path
-from tests.server.support import REDIS_URL, delete_prefix, free_port, redis_available
+from tests.server.support import REDIS_URL, delete_prefix, free_port, own_redis, redis_available
 
 pytestmark = pytest.mark.anyio
 
@@ -116,6 +116,27 @@ async def test_list_pages_by_id(store: StateStore) -> None:
     assert [m.session_id for m in last.sessions] == ["s4"] and not last.has_more
 
 
+async def test_commit_refuses_a_session_made_again_with_the_same_version(store: StateStore) -> None:
+    """A request that loaded s1 (uid-1, version 1) must not overwrite the s1 that a delete and
+    a fork made meanwhile with the same version (another uid)."""
+    assert await store.commit(record(version=1, uid="uid-1"), 0, None)
+    assert await store.delete("acme", "s1")
+    assert await store.create(record(version=1, uid="uid-2", state=b"forked"))
+    assert not await store.commit(record(version=2, uid="uid-1", state=b"stale"), 1, None)
+    full = await store.load("acme", "s1")
+    assert full is not None and full.meta.uid == "uid-2" and full.state == b"forked"
+    assert await store.commit(record(version=2, uid="uid-2", state=b"next"), 1, None)  # its own line goes on
+
+
+async def test_delete_then_create_stays_listed(store: StateStore) -> None:
+    for round_ in range(20):  # a delete and a create of the same id racing
+        assert await store.commit(record(sid="r", uid=f"u{round_}"), 0, None)
+        await asyncio.gather(store.delete("acme", "r"), store.create(record(sid="r", uid=f"v{round_}")))
+        listed = [m.session_id for m in (await store.list("acme")).sessions]
+        assert (await store.get_meta("acme", "r") is not None) == ("r" in listed), round_
+        await store.delete("acme", "r")
+
+
 async def test_create_only_when_absent(store: StateStore) -> None:
     assert await store.create(record(sid="fork", version=3))
     assert not await store.create(record(sid="fork", version=1))
@@ -139,7 +160,7 @@ async def test_sessions_expire(store_url: str) -> None:
 
 
 async def test_bad_ids_never_reach_a_key(store: StateStore) -> None:
-    for bad in ("../x", "a/b", "{acme:s1}", "a b", "", "x" * 129, ".hidden", "a:b"):
+    for bad in ("../x", "a/b", "{acme:s1}", "a b", "", "x" * 129, ".hidden", "a:b", "s1\n", "s1\r\n"):
         with pytest.raises(ValueError):
             await store.get_meta("acme", bad)
 
@@ -170,6 +191,24 @@ def _cluster_keyslot_available(client: redis.Redis) -> bool:
         return True
     except redis.ResponseError:  # a standalone server without cluster support
         return False
+
+
+async def test_a_full_redis_is_unavailable_not_a_bug(tmp_path) -> None:
+    """At maxmemory with noeviction (docs/deploy.md), Redis refuses writes with an OOM error:
+    a 503 with Retry-After, as for any store that cannot take a write, and nothing half-written."""
+    with own_redis(tmp_path, "--maxmemory", "4mb", "--maxmemory-policy", "noeviction") as (url, _):
+        store = open_store(url)
+        try:
+            with pytest.raises(StoreUnavailable):
+                for i in range(40):  # 512 KiB each: Redis is full long before the last
+                    assert await store.commit(record(sid=f"s{i}", state=bytes(512 * 1024)), 0, None)
+            assert i > 0 and await store.get_meta("acme", f"s{i}") is None  # the refused one wrote nothing
+            with pytest.raises(StoreUnavailable):  # nor does a commit over a stored session
+                await store.commit(record(sid="s0", version=2, state=b"\1" * (512 * 1024)), 1, None)
+            kept = await store.load("acme", "s0")
+            assert kept is not None and kept.meta.version == 1 and kept.state == bytes(512 * 1024)
+        finally:
+            await store.close()
 
 
 async def test_unreachable_store_raises_unavailable(tmp_path) -> None:
