@@ -111,6 +111,10 @@ class DecodeBatch:
         k = state.batch_size
         if len(owners) != k:
             raise ValueError(f"{k} rows joining with {len(owners)} owners")
+        src = state.tensors()
+        for name, buf in self.slots.tensors().items():  # before anything moves: a join fails whole
+            if name not in src or src[name].shape[1:] != buf.shape[1:]:
+                raise ValueError(f"a joining state does not fit the batch: {name}")
         capacity = self.capacity
         while self.n + k > capacity:
             capacity *= 2
@@ -122,7 +126,6 @@ class DecodeBatch:
         past = max(self.n, row + k)
         for j in range(min(self.n_waiting, k)):
             self._move(row + j, past + j)
-        src = state.tensors()
         for name, buf in self.slots.tensors().items():
             buf[row:row + k].copy_(src[name])
         for j, (count, owner) in enumerate(zip(state.n_open.tolist(), owners)):
@@ -260,6 +263,10 @@ class DecodeBatch:
             return
         b = min(_bucket(n), self.capacity)
         held = self._hold(n, min(b, self.n))
+        if b > self.n:
+            # slots past the active rows are padding; one that a waiting row left (a leave moves
+            # the last waiting row down) still holds its full chunk, where a step has no slot
+            self.slots.n_open[self.n:b].zero_()
         if not self.graphs:
             self._decode_inplace(b)
         else:

@@ -94,6 +94,7 @@ class _Running:
         self.decode_updates: list[UpdateRecord] = []
         self.close_updates: list[UpdateRecord] = []
         self.closing = False  # its reply is done: its next (last) step absorbs `close_turn`
+        self.close_absorbed = False  # `close_turn` went through a step: later commits hold it
         self.text: TextStream | None = None
         self.generator = job.params.generator()
 
@@ -143,7 +144,8 @@ class Scheduler:
     # ---- the public side (any thread) ---------------------------------------------------------
 
     def submit(self, job: Job) -> Future[JobResult]:
-        if any(t < 0 or t >= self.engine.cfg.vocab_size for t in job.prompt):
+        V = self.engine.cfg.vocab_size
+        if any(t < 0 or t >= V for t in job.prompt) or not (job.close_turn is None or 0 <= job.close_turn < V):
             raise ValueError("token id out of the vocabulary")
         future: Future[JobResult] = Future()
         with self._cv:
@@ -200,20 +202,26 @@ class Scheduler:
 
     def run_step(self) -> StepStats | None:
         """One step; a failure (a bug, out of memory) fails the jobs in flight instead of
-        raising, so the caller's loop keeps serving."""
+        raising, so the caller's loop keeps serving. Queued jobs were not touched: they stay
+        queued."""
         try:
             return self.step()
         except Exception as e:
             log.exception("scheduler step failed")
-            self._fail_all(e)
+            self._fail_all(e, queued=False)
             return None
 
     def step(self) -> StepStats:
         """One iteration: admit, a slice of prefill, one batched decode step."""
         t0 = time.perf_counter()
         with self._cv:
+            queued_cancelled = [r for r in self._waiting if r.cancelled]
+            for r in queued_cancelled:  # their clients wait for them to end, not for a free row
+                self._waiting.remove(r)
             while self._waiting and len(self._prefill) + len(self._decoding) < self.max_batch:
                 self._prefill.append(self._waiting.popleft())
+        for r in queued_cancelled:
+            self._end(r, Cancelled())
         for r in [r for r in self._prefill if r.cancelled]:
             self._prefill.remove(r)
             self._end(r, Cancelled())
@@ -258,7 +266,11 @@ class Scheduler:
                 if ready:
                     # the group's rows are consecutive views of one state (`absorb_batch`): they
                     # join the decode batch with one copy per buffer, not one per session
-                    self.batch.join_many(State.cat([r.job.session.state for r in ready]), ready)
+                    try:
+                        self.batch.join_many(State.cat([r.job.session.state for r in ready]), ready)
+                    except Exception as e:  # a join fails whole (DecodeBatch): only these jobs end
+                        for r in ready:
+                            self._end(r, e)
                 done += take * len(rs)
         return done
 
@@ -295,6 +307,8 @@ class Scheduler:
         closing = [i for i, r in enumerate(rows) if r.closing]
         if closing:
             picked[closing] = torch.tensor([rows[i].job.close_turn for i in closing], device=picked.device)
+            for i in closing:
+                rows[i].close_absorbed = True
         lps = logits.gather(1, picked[:, None])[:, 0] - torch.logsumexp(logits, -1)
         # the step's one read from the device: each row's token and its log-probability (float64
         # holds the ids exactly); the tokens go into the batch's forward without leaving it
@@ -328,7 +342,9 @@ class Scheduler:
                 continue
             for i, row in enumerate(row_ids):
                 owner = self.batch.owners[row]
-                if owner.closing:
+                # a chunk that holds the close token (a row whose reply filled its chunk may
+                # wait to commit until after it was marked closing: that chunk is the reply's)
+                if owner.close_absorbed:
                     owner.close_updates += _records(metrics, i)
                 else:
                     owner.decode_updates += _records(metrics, i)
@@ -360,10 +376,12 @@ class Scheduler:
         gen = r.text.result(r.decode_updates) if r.text is not None else None
         r.future.set_result(JobResult(r.prompt_logprobs, gen, r.updates + r.decode_updates + r.close_updates))
 
-    def _fail_all(self, error: BaseException) -> None:
+    def _fail_all(self, error: BaseException, queued: bool = True) -> None:
+        """Fail the jobs in flight, and with `queued` the jobs not admitted yet too."""
         with self._cv:
-            jobs = [*self._waiting, *self._prefill, *self._decoding]
-            self._waiting.clear()
+            jobs = [*(self._waiting if queued else ()), *self._prefill, *self._decoding]
+            if queued:
+                self._waiting.clear()
             self._prefill.clear()
         self.batch.clear()
         for r in jobs:

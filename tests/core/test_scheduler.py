@@ -437,3 +437,114 @@ def test_turn_close_tokens_go_through_the_batched_step(engine):
         assert fut.result().generation.token_ids == ref.token_ids
         assert s.tokens_absorbed == ref_session.tokens_absorbed
         assert_same_state(s, ref_session)
+
+
+def test_a_padded_step_after_a_leave_beside_a_waiting_row(engine):
+    """A decoding row leaves while a row waits to commit: the waiting row moves down, and the
+    slot it left (its chunk full) becomes padding. A padded step (the CUDA-graph shapes) must
+    compute that slot like any padding row, and the real rows as an exact step does."""
+    C = engine.cfg.chunk
+    states = []
+    for i in range(7):
+        s = engine.new_session()
+        want = C - 1 if i == 0 else C + 1 + i % 2  # row 0 is one token short of a full chunk
+        engine.absorb(s, [(11 * i + j) % 4000 + 5 for j in range(want - s.tokens_absorbed)])
+        states.append(s.state)
+    results = []
+    for pad in (False, True):
+        batch = DecodeBatch(engine.model, engine.new_session().state, capacity=8, pad=pad, commit_wait=8)
+        for i, st in enumerate(states):
+            batch.join(st, owner=i)
+        batch.step([100 + r for r in range(7)], [Learning()] * 7)
+        assert batch.n_waiting == 1
+        batch.leave(0)  # the last waiting row moves into the last decoding one's place
+        for step in range(3):
+            batch.step([200 + step] * batch.n_decoding, [Learning()] * batch.n_decoding)
+        batch.commit_waiting()
+        results.append({o: batch.row_state(row) for row, o in enumerate(batch.owners)})
+    for owner, exact in results[0].items():
+        for name, t in exact.tensors().items():
+            torch.testing.assert_close(results[1][owner].tensors()[name], t, atol=ATOL, rtol=0,
+                                       msg=f"session {owner}: {name}")
+
+
+def test_a_job_cancelled_in_the_queue_ends_at_the_next_step(engine):
+    sched = Scheduler(engine, max_batch=1)
+    running = sched.submit(Job(engine.new_session(), [5, 6], SamplingParams(max_tokens=30, temperature=0)))
+    queued_job = Job(engine.new_session(), [7], SamplingParams(max_tokens=3), cancel=threading.Event())
+    queued = sched.submit(queued_job)
+    sched.step()
+    queued_job.cancel.set()
+    sched.step()
+    assert queued.done() and isinstance(queued.exception(), Cancelled)
+    assert not running.done()
+
+
+def _broken_session(engine: Engine, **tensors: torch.Tensor):
+    """A fresh session with some tensors replaced, as a bug could leave one (never a stored
+    state: those are validated when loaded)."""
+    s = engine.new_session()
+    s.state = s.state.map(lambda t: t)  # dicts of its own: fresh sessions share their tensors
+    for name, t in tensors.items():
+        if name.startswith("layer0."):
+            s.state.layers[0][name.removeprefix("layer0.")] = t
+        else:
+            setattr(s.state, name, t)
+    return s
+
+
+def test_a_failing_step_fails_the_jobs_in_flight_and_keeps_the_queue(engine):
+    """A step that raises (the commit of a session whose open chunk holds a token outside the
+    vocabulary) fails the jobs it ran; a job still queued was not touched and then runs as if
+    alone."""
+    C, V = engine.cfg.chunk, engine.cfg.vocab_size
+    sched = Scheduler(engine, max_batch=1, commit_wait=0)
+    broken = _broken_session(engine, n_open=torch.tensor([C - 1]),
+                             open_tokens=torch.full((1, C), V + 7))  # the next token fills the chunk
+    bad = sched.submit(Job(broken, [], SamplingParams(max_tokens=2)))
+    prompt, params = [9, 10, 11], SamplingParams(max_tokens=6, seed=1)
+    good_session = engine.new_session()
+    good = sched.submit(Job(good_session, prompt, params))
+    assert sched.run_step() is None  # the step failed
+    assert bad.done() and bad.exception() is not None and not good.done()
+    while not good.done():
+        sched.run_step()
+    ref, ref_session = alone(engine, prompt, params)
+    assert good.result().generation.token_ids == ref.token_ids
+    assert_same_state(good_session, ref_session)
+    with pytest.raises(ValueError):  # a close token outside the vocabulary fails at submit, alone
+        sched.submit(Job(engine.new_session(), [5], SamplingParams(max_tokens=1), close_turn=engine.cfg.vocab_size))
+
+
+def test_a_session_that_cannot_join_the_batch_ends_alone(engine):
+    """A state of the wrong shape fails its own join, whole: its job ends with the error, the
+    batch is unchanged and the jobs beside it run as if alone."""
+    sched = Scheduler(engine, max_batch=4)
+    jobs = random_jobs(engine, 3, seed=8)
+    sessions = [engine.new_session() for _ in jobs]
+    futures = [sched.submit(Job(s, p, sp, learn)) for s, (p, sp, learn) in zip(sessions, jobs)]
+    sched.step()
+    bad = sched.submit(Job(_broken_session(engine, **{"layer0.attn_k": torch.zeros(1, 3, 3, 3)}), [],
+                           SamplingParams(max_tokens=2)))
+    run_to_end(sched, [*futures, bad])
+    assert isinstance(bad.exception(), ValueError)
+    for (prompt, params, learn), session, fut in zip(jobs, sessions, futures):
+        ref, ref_session = alone(engine, prompt, params, learn)
+        assert fut.result().generation.token_ids == ref.token_ids
+        assert_same_state(session, ref_session)
+
+
+def test_a_reply_that_fills_its_chunk_keeps_that_commits_updates_when_it_waits(engine):
+    """A reply whose last token fills its chunk, while `commit_wait` holds the row back: the
+    commit comes after the reply was marked closing, and its updates are still the reply's."""
+    C = engine.cfg.chunk
+    levels = []
+    for commit_wait in (0, 8):
+        sched = Scheduler(engine, commit_wait=commit_wait)
+        first, other = engine.new_session(), engine.new_session()
+        fill = C - first.tokens_absorbed - 1  # the prompt's token, then `fill` tokens fill the chunk
+        done = sched.submit(Job(first, [300], SamplingParams(max_tokens=fill, temperature=0), close_turn=7))
+        rest = sched.submit(Job(other, [], SamplingParams(max_tokens=3 * C, temperature=0)))
+        run_to_end(sched, [done, rest])
+        levels.append([u.level for u in done.result().generation.updates])
+    assert levels[0] == levels[1] and levels[0], levels
