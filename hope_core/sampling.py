@@ -25,8 +25,8 @@ class SamplingParams:
             raise ValueError("max_tokens must be >= 0")
         if not 0 <= self.temperature < math.inf:
             raise ValueError("temperature must be >= 0 and finite")
-        if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
+        if not 0 <= self.top_p <= 1:
+            raise ValueError("top_p must be in [0, 1]")
         if self.top_k < 0:
             raise ValueError("top_k must be >= 0")
 

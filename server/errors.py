@@ -35,6 +35,12 @@ _KINDS: dict[int, tuple[str, str]] = {
 }
 
 
+# OpenAI's SDKs retry every 409, 429 and 5xx unless the answer says not to. Errors that a retry
+# cannot fix (a name taken, a state of another checkpoint), or that a retry could make worse (a
+# commit that may have landed, absorbed twice), say so.
+NO_RETRY = {"x-should-retry": "false"}
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None,
                  type: str | None = None, headers: dict[str, str] | None = None,

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +29,7 @@ from hope_core.engine_process import EngineDied
 from hope_core.sampling import SamplingParams
 from hope_core.scheduler import Job, JobResult
 from server.context import Context
-from server.errors import APIError, bad_request, engine_unavailable, not_found, too_large
+from server.errors import APIError, bad_request, engine_unavailable, not_found
 from server.schemas import SamplingFields, SessionInfo, Surprise
 from server.sessions import Turn
 from server.stores.base import valid_session_id
@@ -77,9 +78,12 @@ def sampling_params(ctx: Context, req: SamplingFields, max_tokens: int | None, p
 
 
 def check_prompt_size(ctx: Context, n_tokens: int, param: str) -> None:
+    """A session has no context length (its history is in its weights), but one request absorbs
+    at most `max_prompt_tokens` new tokens. Refused as OpenAI refuses a prompt beyond the context
+    (400 `context_length_exceeded`), which clients catch to send less."""
     if n_tokens > ctx.settings.max_prompt_tokens:
-        raise too_large(f"the prompt has {n_tokens} new tokens, the limit is {ctx.settings.max_prompt_tokens}",
-                        param=param, code="prompt_too_long")
+        raise bad_request(f"the prompt has {n_tokens} new tokens, the most one request may absorb is "
+                          f"{ctx.settings.max_prompt_tokens}", param=param, code="context_length_exceeded")
 
 
 # ---- the engine side of a turn (runs in the scheduler, batched with other requests) ------------
@@ -185,6 +189,34 @@ async def collect(request: Request, run: TurnRun) -> list[PromptAbsorbed | Token
 async def _wait_disconnect(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+class SentTokens:
+    """Which generated tokens a stream's text has caught up with. Text that may begin a stop
+    string is held back, so a chunk's text can lag behind its tokens: a chunk carries the
+    log-probabilities of the tokens whose text it completes, and tokens whose text a stop
+    string cut go with the stream's last chunk (`rest`)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.decoder = tokenizer.stream_decoder(skip_special=True)  # as the engine's TextStream
+        self.decoded = self.sent = 0  # characters: of the tokens' text, of the text sent
+        self.waiting: deque[tuple[TokenEvent, int]] = deque()  # (token, where its text ends)
+
+    def push(self, event: TokenEvent) -> list[TokenEvent]:
+        """Account for an event about to be sent; returns the tokens whose text it completes."""
+        if event.token_id >= 0:
+            self.decoded += len(self.decoder.push(event.token_id))
+            self.waiting.append((event, self.decoded))
+        self.sent += len(event.text)
+        done = []
+        while self.waiting and self.waiting[0][1] <= self.sent:
+            done.append(self.waiting.popleft()[0])
+        return done
+
+    def rest(self) -> list[TokenEvent]:
+        done = [event for event, _ in self.waiting]
+        self.waiting.clear()
+        return done
 
 
 def surprise_of(tokenizer, token_ids: Sequence[int], logprobs: Sequence[float]) -> Surprise:

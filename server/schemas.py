@@ -47,12 +47,24 @@ def _stop_list(v: str | list[str] | None) -> list[str]:
 
 # ---- requests --------------------------------------------------------------------------------
 
-class StreamOptions(BaseModel):
+class OpenAIRequest(BaseModel):
+    """A request body, or a part of one. OpenAI's clients send unset parameters as null, which
+    OpenAI reads as the default (completions' max_tokens: null is 16, as when left out)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
+
+
+class StreamOptions(OpenAIRequest):
     include_usage: bool = False
     include_surprise: bool = False  # HOPE: each chunk carries the loss (-logprob) of its tokens
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(OpenAIRequest):
     """Parameters shared by /v1/chat/completions and /v1/completions."""
 
     model_config = ConfigDict(extra="ignore")
@@ -61,7 +73,7 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    top_p: float | None = Field(None, ge=0, le=1)  # below 1e-6: greedy, as OpenAI's 0
     top_k: int = Field(0, ge=0)  # HOPE/vLLM extension; 0: no limit
     seed: int | None = None
     stop: str | list[str] | None = None
@@ -70,15 +82,6 @@ class SamplingFields(BaseModel):
     session_id: str | None = None  # HOPE: the session (else the header X-Session-Id, else `user`)
     learn: bool = True  # HOPE: false: the session is read, used and left unchanged
     ignore_eos: bool = False  # HOPE/vLLM extension: do not stop at end-of-turn/end-of-text tokens
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_is_default(cls, data: Any) -> Any:
-        # OpenAI's clients send unset parameters as null, which OpenAI reads as the default
-        # (completions' max_tokens: null is 16, as when it is left out)
-        if isinstance(data, dict):
-            return {k: v for k, v in data.items() if v is not None}
-        return data
 
     # not implemented: refused unless neutral (see the module's docstring)
     frequency_penalty: float = 0.0
@@ -111,7 +114,7 @@ class TextPart(BaseModel):
     text: str
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(OpenAIRequest):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant"]
@@ -236,6 +239,7 @@ class ChatCompletion(BaseModel):
     object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
+    system_fingerprint: str | None = None
     choices: list[ChatChoice]
     usage: Usage
     session: SessionInfo | None = None
@@ -258,6 +262,7 @@ class ChatCompletionChunk(BaseModel):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
     model: str
+    system_fingerprint: str | None = None
     choices: list[ChunkChoice]
     usage: Usage | None = None
     session: SessionInfo | None = None
@@ -285,6 +290,7 @@ class Completion(BaseModel):
     object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
+    system_fingerprint: str | None = None
     choices: list[CompletionChoice]
     usage: Usage | None = None
     session: SessionInfo | None = None

@@ -47,7 +47,7 @@ import torch
 
 from hope_core.engine import Engine
 from hope_core.state import SessionState, StateError
-from server.errors import APIError, not_found, overloaded, session_busy, store_unavailable, too_large
+from server.errors import NO_RETRY, APIError, not_found, overloaded, session_busy, store_unavailable, too_large
 from server.metrics import Metrics
 from server.settings import Settings
 from server.stores.base import DIGEST_BYTES, Page, SessionMeta, SessionRecord, StateStore, StoreUnavailable
@@ -355,10 +355,10 @@ class Turn:
         lock goes first: a commit still queued in the store then fails its token check, and the
         version read afterwards is final. True: the commit is stored."""
         m = self.manager
-        retry_after = {"Retry-After": str(m.settings.overload_retry_after_s)}
+        # not to be retried blindly: the request may be stored already
         unknown = APIError(503, "the session store did not answer the commit, so whether this request was "
                            "stored is unknown; read the session's version before sending it again",
-                           code="store_outcome_unknown", reason="store_unavailable", headers=retry_after)
+                           code="store_outcome_unknown", reason="store_unavailable", headers=NO_RETRY)
         if self.lock_token is None or not self.session_id:
             raise unknown
         try:
@@ -543,7 +543,7 @@ class SessionManager:
             return await run_blocking(self.io_executor, self.engine.load_session, blob)
         except StateError as e:
             raise APIError(409, f"{what} cannot be used with this checkpoint: {e}",
-                           code="session_incompatible") from None
+                           code="session_incompatible", headers=NO_RETRY) from None
 
     # ---- session resources -------------------------------------------------------------------
 
@@ -572,7 +572,8 @@ class SessionManager:
         record = await self.export(tenant, session_id)
         copy = record.renamed(tenant, new_id, uuid.uuid4().hex)
         if not await self.store.create(copy):
-            raise APIError(409, f"session {new_id!r} already exists", param="new_id", code="session_exists")
+            raise APIError(409, f"session {new_id!r} already exists", param="new_id", code="session_exists",
+                           headers=NO_RETRY)
         return copy.meta
 
     async def import_state(self, tenant: str, session_id: str, blob: bytes) -> SessionMeta:

@@ -26,6 +26,7 @@ from server.inference import (
     EventStream,
     Plan,
     PromptAbsorbed,
+    SentTokens,
     TurnRun,
     check_model,
     check_prompt_size,
@@ -110,7 +111,7 @@ async def chat_completions(body: ChatRequest, request: Request, ctx: Ctx,
     assert run.output is not None and run.output.generation is not None
     result = run.output.generation
     return JSONResponse(dump(ChatCompletion(
-        id=completion_id, created=created, model=model,
+        id=completion_id, created=created, model=model, system_fingerprint=ctx.system_fingerprint,
         choices=[ChatChoice(
             message=AssistantMessage(content=result.text), finish_reason=result.finish_reason,
             logprobs=_token_logprobs(tok, result.token_ids, result.logprobs) if body.logprobs else None)],
@@ -127,6 +128,7 @@ async def _cleanup(run: TurnRun, turn) -> None:
 async def _events(run: TurnRun, body: ChatRequest, completion_id: str, created: int, model: str,
                   resent: int, finish_digests) -> AsyncIterator[str]:
     tok = run.turn.manager.engine.tokenizer
+    fingerprint = run.ctx.system_fingerprint
     opts = body.stream_options
     include_usage = bool(opts and opts.include_usage)
     include_surprise = bool(opts and opts.include_surprise)
@@ -134,12 +136,19 @@ async def _events(run: TurnRun, body: ChatRequest, completion_id: str, created: 
     def chunk(delta: Delta, **extra) -> str:
         finish = extra.pop("finish_reason", None)
         logprobs = extra.pop("logprobs", None)
-        c = ChatCompletionChunk(id=completion_id, created=created, model=model,
+        c = ChatCompletionChunk(id=completion_id, created=created, model=model, system_fingerprint=fingerprint,
                                 choices=[ChunkChoice(delta=delta, finish_reason=finish, logprobs=logprobs)],
                                 **extra)
         return sse(dump(c))
 
-    pending: list[TokenEvent] = []  # tokens not yet sent (their text may still be held back)
+    def logprobs_of(events: list[TokenEvent]) -> ChoiceLogprobs | None:
+        if not body.logprobs or not events:
+            return None
+        return _token_logprobs(tok, [e.token_id for e in events], [e.logprob for e in events])
+
+    pending: list[TokenEvent] = []  # tokens not yet sent in a chunk (for their surprise)
+    sent = SentTokens(tok)  # (for their log-probabilities: with the chunk that completes their text)
+    completed: list[TokenEvent] = []
     async for item in run.events():
         if isinstance(item, PromptAbsorbed):
             surprise = surprise_of(tok, item.token_ids, item.logprobs) if include_surprise else None
@@ -147,26 +156,24 @@ async def _events(run: TurnRun, body: ChatRequest, completion_id: str, created: 
             continue
         if item.token_id >= 0:
             pending.append(item)
+        completed += sent.push(item)
         if not item.text and not include_surprise:
             continue
-        yield chunk(Delta(content=item.text),
-                    logprobs=_token_logprobs(tok, [e.token_id for e in pending], [e.logprob for e in pending])
-                    if body.logprobs else None,
+        yield chunk(Delta(content=item.text), logprobs=logprobs_of(completed),
                     surprise=surprise_of(tok, [e.token_id for e in pending], [e.logprob for e in pending])
                     if include_surprise else None)
-        pending = []
+        pending, completed = [], []
     info = await run.finish(finish_digests())
     info.resent_messages = resent
     out = run.output
     assert out is not None and out.generation is not None
-    # tokens whose text a stop string cut were never sent: their log-probabilities close the
-    # stream, so that it lists every generated token, as the whole answer does
-    leftover = _token_logprobs(tok, [e.token_id for e in pending], [e.logprob for e in pending]) \
-        if body.logprobs and pending else None
-    yield chunk(Delta(), finish_reason=out.generation.finish_reason, session=info, logprobs=leftover)
+    # tokens whose text a stop string cut: their log-probabilities close the stream, so that it
+    # lists every generated token, as the whole answer does
+    yield chunk(Delta(), finish_reason=out.generation.finish_reason, session=info, logprobs=logprobs_of(sent.rest()))
     if include_usage:
         n_prompt, n_gen = len(run.plan.prompt), len(out.generation.token_ids)
-        usage = ChatCompletionChunk(id=completion_id, created=created, model=model, choices=[],
+        usage = ChatCompletionChunk(id=completion_id, created=created, model=model, system_fingerprint=fingerprint,
+                                    choices=[],
                                     usage=Usage(prompt_tokens=n_prompt, completion_tokens=n_gen,
                                                 total_tokens=n_prompt + n_gen))
         yield sse(dump(usage))

@@ -26,6 +26,7 @@ from server.inference import (
     EventStream,
     Plan,
     PromptAbsorbed,
+    SentTokens,
     TurnRun,
     check_model,
     check_prompt_size,
@@ -124,6 +125,7 @@ async def completions(body: CompletionRequest, request: Request, ctx: Ctx,
         logprobs = _merge(logprobs, gen_part)
     text = (prompt_text if body.echo else "") + gen_text
     return JSONResponse(dump(Completion(id=completion_id, created=created, model=model,
+                      system_fingerprint=ctx.system_fingerprint,
                       choices=[CompletionChoice(text=text, logprobs=logprobs, finish_reason=run.finish_reason)],
                       usage=Usage(prompt_tokens=len(prompt), completion_tokens=len(gen_ids),
                                   total_tokens=len(prompt) + len(gen_ids)),
@@ -138,17 +140,20 @@ async def _cleanup(run: TurnRun, turn) -> None:
 async def _events(run: TurnRun, body: CompletionRequest, prompt_text: str, completion_id: str,
                   created: int, model: str) -> AsyncIterator[str]:
     tok = run.turn.manager.engine.tokenizer
+    fingerprint = run.ctx.system_fingerprint
     opts = body.stream_options
     include_surprise = bool(opts and opts.include_surprise)
 
     def chunk(text: str, **extra) -> str:
         finish = extra.pop("finish_reason", None)
         logprobs = extra.pop("logprobs", None)
-        c = Completion(id=completion_id, created=created, model=model,
+        c = Completion(id=completion_id, created=created, model=model, system_fingerprint=fingerprint,
                        choices=[CompletionChoice(text=text, logprobs=logprobs, finish_reason=finish)], **extra)
         return sse(dump(c))
 
-    pending: list[TokenEvent] = []  # tokens not yet sent (their text may still be held back)
+    pending: list[TokenEvent] = []  # tokens not yet sent in a chunk (for their surprise)
+    sent = SentTokens(tok)  # (for their log-probabilities: with the chunk that completes their text)
+    completed: list[TokenEvent] = []
     # a token's text_offset is where its text starts in the choice's text, as in the whole
     # answer: counted over the tokens' decoded text, not over the text sent so far, which lags
     # behind while text that may begin a stop string is held back
@@ -170,20 +175,22 @@ async def _events(run: TurnRun, body: CompletionRequest, prompt_text: str, compl
             continue
         if item.token_id >= 0:
             pending.append(item)
+        completed += sent.push(item)
         if not item.text and not include_surprise:
             continue
-        yield chunk(item.text, logprobs=logprobs_of(pending),
+        yield chunk(item.text, logprobs=logprobs_of(completed),
                     surprise=surprise_of(tok, [e.token_id for e in pending], [e.logprob for e in pending])
                     if include_surprise else None)
-        pending = []
+        pending, completed = [], []
     info = await run.finish()
-    # tokens whose text a stop string cut were never sent: their log-probabilities close the stream
-    yield chunk("", finish_reason=run.finish_reason, session=info, logprobs=logprobs_of(pending))
+    # tokens whose text a stop string cut: their log-probabilities close the stream
+    yield chunk("", finish_reason=run.finish_reason, session=info, logprobs=logprobs_of(sent.rest()))
     if opts and opts.include_usage:
         out = run.output
         assert out is not None
         n_prompt, n_gen = len(run.plan.prompt), len(out.generation.token_ids) if out.generation else 0
-        yield sse(dump(Completion(id=completion_id, created=created, model=model, choices=[],
+        yield sse(dump(Completion(id=completion_id, created=created, model=model, system_fingerprint=fingerprint,
+                                  choices=[],
                                   usage=Usage(prompt_tokens=n_prompt, completion_tokens=n_gen,
                                               total_tokens=n_prompt + n_gen))))
     yield sse("[DONE]")

@@ -100,8 +100,9 @@ def test_generation_logprobs_are_those_of_the_sampled_tokens(engine, session, pr
         engine.absorb(s, [t])
 
 
-@pytest.mark.parametrize("bad", [dict(max_tokens=-1), dict(temperature=-0.1), dict(top_p=0.0),
-                                 dict(top_p=1.5), dict(top_k=-1)])
+@pytest.mark.parametrize("bad", [dict(max_tokens=-1), dict(temperature=-0.1), dict(temperature=float("inf")),
+                                 dict(temperature=float("nan")), dict(top_p=-0.1), dict(top_p=1.5),
+                                 dict(top_p=float("nan")), dict(top_k=-1)])
 def test_sampling_params_are_validated(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)

@@ -125,6 +125,13 @@ async def test_null_parameters_are_their_defaults(engine: Engine) -> None:
         out = await api.chat("hi", session="nulls", max_tokens=None, **nulls)
         assert out["object"] == "chat.completion" and out["choices"][0]["logprobs"] is None
         assert out["session"]["version"] == 1  # learn: null is learn: true
+        assert out["system_fingerprint"].startswith("fp_")
+        r = await api.client.post("/v1/chat/completions", json={
+            "model": api.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True,
+            "stream_options": {"include_usage": None, "include_surprise": None}})
+        assert r.status_code == 200 and "[DONE]" in r.text and '"usage"' not in r.text, r.text
+        greedy = await api.chat("hi", top_p=0, temperature=0.9, max_tokens=5)  # OpenAI's range includes 0
+        assert greedy["choices"] == (await api.chat("hi", temperature=0, max_tokens=5))["choices"]
         body = {"model": api.model, "prompt": "Once", "max_tokens": None, "echo": None, "logprobs": None,
                 "temperature": 0, "ignore_eos": True}
         r = await api.client.post("/v1/completions", json=body)
@@ -223,6 +230,19 @@ async def test_streamed_logprobs_match_the_whole_answer_around_stop_strings(engi
                     for x in c["choices"][0]["logprobs"]["content"]]
         assert streamed == plain["choices"][0]["logprobs"]["content"]
         assert len(streamed) == plain["usage"]["completion_tokens"]
+        # and each chunk carries the tokens whose text it completes (the last one: those cut):
+        # after every chunk, the tokens sent so far spell the text sent so far, up to a part of
+        # the next token
+        if reply.isascii():
+            text, count = "", 0
+            for c in chunks:
+                if not c["choices"] or c["choices"][0]["finish_reason"] is not None:
+                    continue
+                text += c["choices"][0]["delta"].get("content") or ""
+                count += len((c["choices"][0]["logprobs"] or {}).get("content") or [])
+                spelled = "".join(x["token"] for x in streamed[:count])
+                assert text.startswith(spelled) and (spelled + "".join(
+                    x["token"] for x in streamed[count:count + 1])).startswith(text), (text, spelled)
 
 
 async def test_completions_score_only(engine: Engine) -> None:
@@ -278,7 +298,8 @@ async def test_session_resources(engine: Engine, other_engine: Engine) -> None:
         assert (await api.client.get("/v1/sessions/a2/state")).content == state_a
         await api.chat("only in the fork", session="a2")
         assert (await api.session("a"))["version"] == 1 and (await api.session("a2"))["version"] == 2
-        assert (await api.client.post("/v1/sessions/a/fork", json={"new_id": "b"})).status_code == 409
+        taken = await api.client.post("/v1/sessions/a/fork", json={"new_id": "b"})
+        assert taken.status_code == 409 and taken.headers["x-should-retry"] == "false"
         assert (await api.client.post("/v1/sessions/nope/fork", json={"new_id": "x"})).status_code == 404
 
         # export, import under a new id: the same state, and it continues

@@ -61,8 +61,8 @@ async def test_400_bad_input(engine: Engine) -> None:
         for name, value in (("suffix", "end"), ("best_of", 3)):
             r = await post("/v1/completions", json={"model": api.model, "prompt": "x", name: value})
             assert_error(r, 400, param=name)
-        assert_error(await post("/v1/completions", json={"model": api.model, "prompt": "word " * 600}), 413,
-                     param="prompt")
+        assert_error(await post("/v1/completions", json={"model": api.model, "prompt": "word " * 600}), 400,
+                     param="prompt", code="context_length_exceeded")
         # a union's member is not part of the parameter's name
         err = assert_error(await post("/v1/chat/completions", json=image), 400, param="messages.0.content.0.type")
         assert "'text'" in err["message"]
@@ -122,6 +122,7 @@ async def test_409_busy_session_with_reject_policy(engine: Engine) -> None:
         token = await store.acquire_lock(DEFAULT_TENANT, "busy", 30)
         r = await api.client.post("/v1/chat/completions", json=chat_body(api, session_id="busy"))
         assert_error(r, 409, code="session_busy")
+        assert "x-should-retry" not in r.headers  # busy: a retry may well succeed
         await store.release_lock(DEFAULT_TENANT, "busy", token)
         # two requests of this replica at once: one runs, the other is refused
         slow = chat_body(api, session_id="busy", max_tokens=300, ignore_eos=True)
@@ -149,6 +150,7 @@ async def test_409_state_of_another_checkpoint(engine: Engine, other_engine: Eng
     async with running_app(other_engine, url) as api:
         r = await api.client.post("/v1/chat/completions", json=chat_body(api, session_id="old"))
         assert_error(r, 409, code="session_incompatible")
+        assert r.headers["x-should-retry"] == "false"  # OpenAI's SDKs would retry a 409 otherwise
         assert (await api.session("old"))["checkpoint"] == engine.fingerprint  # untouched, still listed
 
 
@@ -167,7 +169,8 @@ async def test_413_too_large(engine: Engine) -> None:
                                   headers={"content-type": "application/json"})
         assert_error(r, 413)
         long_prompt = chat_body(api, session_id="long", messages=[{"role": "user", "content": "word " * 50}])
-        assert_error(await api.client.post("/v1/chat/completions", json=long_prompt), 413, code="prompt_too_long")
+        assert_error(await api.client.post("/v1/chat/completions", json=long_prompt), 400,
+                     param="messages", code="context_length_exceeded")
         # a state bigger than max_state_bytes is neither imported nor stored
         state = engine.new_session().to_bytes()
         assert_error(await api.client.put("/v1/sessions/imp/state", content=state), 413)

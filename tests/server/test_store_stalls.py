@@ -35,6 +35,8 @@ async def test_a_stalled_commit_is_answered_by_what_the_store_holds(engine: Engi
                 outcome = "stored"
             except APIError as e:
                 outcome = e.code
+                # a client must not retry blindly what may be stored; "not stored" may be retried
+                assert (e.headers.get("x-should-retry") == "false") == (outcome == "store_outcome_unknown")
             finally:
                 await turn.release()
             os.kill(redis_proc.pid, signal.SIGCONT)
