@@ -223,6 +223,7 @@ class EngineProcess:
         self._free = list(range(slots))[::-1]
         self._next_id = 0
         self._stopping = False
+        self._stopped = threading.Event()  # set with `_stopping`, for the restarts' back-off
         self._proc: subprocess.Popen | None = None
         # sends go through a queue and a thread of their own: a caller never blocks on a full
         # socket, so the reader can always drain the child, and the child can always finish a step
@@ -269,6 +270,7 @@ class EngineProcess:
         """Finish nothing more: jobs in flight fail with RuntimeError."""
         with self._lock:
             self._stopping = True
+            self._stopped.set()
             if self._outbox is not None:
                 self._outbox.put({"op": "stop"})
         if self._proc is not None:
@@ -387,15 +389,17 @@ class EngineProcess:
         if self.on_exit is not None:
             self.on_exit(code)
         for delay in (*self.restart_delays_s, None):
+            if self._stopping:  # stopped during the back-off: no child to start, nothing to fail
+                return
             self.restarts += 1
             try:
                 self.start()
                 return
             except Exception:
                 log.exception("could not restart the engine process")
-            if delay is None or self._stopping:
+            # `stop` wakes the back-off, so that a server told to stop does not wait it out
+            if delay is None or self._stopped.wait(delay):
                 break
-            time.sleep(delay)
         # for good: /healthz fails, so that the orchestrator restarts the whole server
         self.failed = True
 

@@ -31,7 +31,7 @@ from hope_core.scheduler import Job, JobResult
 from server.context import Context
 from server.errors import APIError, bad_request, engine_unavailable, not_found
 from server.schemas import SamplingFields, SessionInfo, Surprise
-from server.sessions import Turn
+from server.sessions import SessionManager, Turn
 from server.stores.base import valid_session_id
 from server.worker import JobStream, Stopped
 
@@ -118,6 +118,10 @@ class TurnRun:
         m = self.ctx.metrics
         n_tokens = 0
         async for item in self._items():
+            # the engine's work is counted as it is done, as TTFT and ITL are, also for a
+            # request that then commits nothing (a client gone, a conflict, the engine lost)
+            if isinstance(item, PromptAbsorbed):
+                m.prompt_tokens.inc(len(item.token_ids))
             if isinstance(item, TokenEvent):
                 if n_tokens >= self.plan.params.max_tokens:
                     # the engine's final flush of held-back text repeats the last token's id:
@@ -125,6 +129,7 @@ class TurnRun:
                     yield TokenEvent(-1, item.text, 0.0)
                     continue
                 n_tokens += 1
+                m.generation_tokens.inc()
                 now = time.perf_counter()
                 if self._last_token is None:
                     m.ttft.observe(now - self.started)
@@ -152,8 +157,6 @@ class TurnRun:
         assert out is not None and turn.work is not None
         # per level, the last update of this request (records come in the order they were made)
         meta = await turn.commit(new_digests, update_norms={u.level: u.update_norm for u in out.updates})
-        m.prompt_tokens.inc(len(self.plan.prompt))
-        m.generation_tokens.inc(len(out.generation.token_ids) if out.generation else 0)
         m.observe_updates(out.updates)
         m.request_success.labels(self.finish_reason).inc()
         m.e2e.observe(time.perf_counter() - self.started)
@@ -184,6 +187,43 @@ async def collect(request: Request, run: TurnRun) -> list[PromptAbsorbed | Token
     finally:
         watcher.cancel()
         await run.aclose()
+
+
+async def begin_turn(request: Request, sessions: SessionManager, tenant: str, session_id: str | None,
+                     learn: bool) -> Turn:
+    """`sessions.begin`, given up as soon as the client goes away: a request queued for an engine
+    slot or for a busy session must not keep its place in the queue (which turns live clients
+    away with 429, and counts in the waiting gauge autoscaling reads) for a client that left."""
+    begin = asyncio.ensure_future(sessions.begin(tenant, session_id, learn=learn))
+    gone = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({begin, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # this request is cancelled itself (shutdown)
+        gone.cancel()
+        await _abandon(begin)
+        raise
+    gone.cancel()
+    if begin.done():
+        return begin.result()
+    await _abandon(begin)
+    raise client_closed()
+
+
+async def _abandon(begin: asyncio.Future[Turn]) -> None:
+    """Cancel a `begin` (which then gives back what it took); a turn it got all the same is
+    released."""
+    begin.cancel()
+    with anyio.CancelScope(shield=True):
+        try:
+            turn = await begin
+        except BaseException:
+            return
+        await turn.release()
+
+
+def client_closed() -> APIError:
+    """Nobody reads this answer; it is counted (`disconnected`) and logged as one."""
+    return APIError(499, "the client closed the request", code="client_closed", reason="disconnected")
 
 
 async def _wait_disconnect(request: Request) -> None:

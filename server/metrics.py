@@ -26,8 +26,8 @@ class Metrics:
     def __init__(self) -> None:
         disable_created_metrics()  # no `*_created` series: they double the output and nobody reads them
         r = self.registry = CollectorRegistry(auto_describe=True)
-        self.prompt_tokens = Counter("hope_prompt_tokens", "Prompt tokens absorbed into sessions", registry=r)
-        self.generation_tokens = Counter("hope_generation_tokens", "Tokens generated", registry=r)
+        self.prompt_tokens = Counter("hope_prompt_tokens", "Prompt tokens the engine absorbed", registry=r)
+        self.generation_tokens = Counter("hope_generation_tokens", "Tokens the engine generated", registry=r)
         self.memory_updates = Counter("hope_memory_updates", "Memory updates of sessions, per level",
                                       ["level"], registry=r)
         self.request_success = Counter("hope_request_success", "Generation requests that completed",

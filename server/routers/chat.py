@@ -21,15 +21,16 @@ from starlette.background import BackgroundTask
 
 from hope_core.engine import TokenEvent
 from server.auth import Ctx, Sessions, Tenant
-from server.errors import APIError
 from server.inference import (
     EventStream,
     Plan,
     PromptAbsorbed,
     SentTokens,
     TurnRun,
+    begin_turn,
     check_model,
     check_prompt_size,
+    client_closed,
     collect,
     guarded_stream,
     resolve_session_id,
@@ -77,7 +78,7 @@ async def chat_completions(body: ChatRequest, request: Request, ctx: Ctx,
     messages = [(m.template_role(), m.text()) for m in body.messages]
     digests = [message_digest(role, content) for role, content in messages]
 
-    turn = await sessions.begin(tenant, session_id, learn=body.learn)
+    turn = await begin_turn(request, sessions, tenant, session_id, body.learn)
     try:
         resent = turn.resent_prefix(digests)
         prompt = [t for role, content in messages[resent:] for t in tok.encode_message(role, content)]
@@ -104,7 +105,7 @@ async def chat_completions(body: ChatRequest, request: Request, ctx: Ctx,
         await collect(request, run)
         info = await run.finish(finish_digests())
     except Stopped:  # the client disconnected: nothing was committed, and nobody reads this answer
-        raise APIError(499, "the client closed the request", code="client_closed", reason="disconnected") from None
+        raise client_closed() from None
     finally:
         await turn.release()
     info.resent_messages = resent

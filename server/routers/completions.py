@@ -28,8 +28,10 @@ from server.inference import (
     PromptAbsorbed,
     SentTokens,
     TurnRun,
+    begin_turn,
     check_model,
     check_prompt_size,
+    client_closed,
     collect,
     guarded_stream,
     resolve_session_id,
@@ -91,7 +93,7 @@ async def completions(body: CompletionRequest, request: Request, ctx: Ctx,
         raise APIError(400, "nothing to do: an empty prompt and max_tokens=0", param="prompt", code="invalid_value")
     check_prompt_size(ctx, len(prompt), "prompt")
 
-    turn = await sessions.begin(tenant, session_id, learn=body.learn)
+    turn = await begin_turn(request, sessions, tenant, session_id, body.learn)
     try:
         run = TurnRun(ctx, turn, Plan(prompt, params, body.learn), started)
     except BaseException:
@@ -109,7 +111,7 @@ async def completions(body: CompletionRequest, request: Request, ctx: Ctx,
         await collect(request, run)
         info = await run.finish()
     except Stopped:  # the client disconnected: nothing was committed, and nobody reads this answer
-        raise APIError(499, "the client closed the request", code="client_closed", reason="disconnected") from None
+        raise client_closed() from None
     finally:
         await turn.release()
     out = run.output

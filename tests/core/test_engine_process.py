@@ -184,3 +184,32 @@ def test_a_child_that_cannot_be_restarted_marks_the_process_failed(engine, engin
             p.submit(Job(engine.new_session(), [5], SamplingParams(max_tokens=1)))
     finally:
         p.stop()
+
+
+def test_stop_during_the_restart_back_off_returns_at_once(engine, engine_dir, tmp_path):
+    """A server told to stop while its engine waits to be restarted stops now, not after the
+    back-off (up to 25 s), and starts no child after it."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(engine_dir, ckpt)
+    p = start_process(engine, ckpt, restart_delays_s=(30.0,))
+    shutil.rmtree(ckpt)  # the first restart fails, then the back-off
+    first = p.pid
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + WAIT_S
+    while (p.pid == first or p.alive or _running(p.pid)) and time.monotonic() < deadline:
+        time.sleep(0.05)  # until the restarted child has failed and is gone
+    time.sleep(0.5)  # the reader is in the back-off now
+    stopping = time.monotonic()
+    p.stop()
+    assert time.monotonic() - stopping < 5
+    assert p.restarts == 1 and not p.alive
+
+
+def _running(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -48,16 +48,19 @@ async def test_metrics_present_and_moving(engine: Engine) -> None:
         info = _info_labels(before)
         assert info["fingerprint"] == engine.fingerprint and info["name"] == api.model
 
-        await api.chat("a message long enough to close a chunk of sixteen tokens or more", session="m",
-                       max_tokens=20, ignore_eos=True)
-        await api.chat("and a second turn, read back from the store", session="m", max_tokens=20, ignore_eos=True)
+        outs = [await api.chat("a message long enough to close a chunk of sixteen tokens or more", session="m",
+                               max_tokens=20, ignore_eos=True),
+                await api.chat("and a second turn, read back from the store", session="m", max_tokens=20,
+                               ignore_eos=True)]
         await api.chat("x", model="nope", expect=404)
         after = await scrape(api)
 
         def grew(name: str, **labels: str) -> bool:
             return value(after, name, **labels) > value(before, name, **labels)
 
-        assert grew("hope_prompt_tokens_total") and grew("hope_generation_tokens_total")
+        for name, key in (("hope_prompt_tokens_total", "prompt_tokens"),
+                          ("hope_generation_tokens_total", "completion_tokens")):
+            assert value(after, name) - value(before, name) == sum(o["usage"][key] for o in outs), name
         for level in ("titans", "fast", "mid"):
             assert grew("hope_memory_updates_total", level=level), level
             assert grew("hope_surprise_count", level=level) and grew("hope_update_norm_count", level=level)

@@ -3,6 +3,7 @@ server killed with SIGKILL whose sessions continue after a restart (SQLite and R
 
 from __future__ import annotations
 
+import threading
 import time
 
 import httpx
@@ -76,6 +77,7 @@ def test_disconnect_mid_stream_commits_nothing(sqlite_server: ServerProcess) -> 
     before = session(base, "dc")
     disconnects = metric(base, "hope_request_failure_total", {"reason": "disconnected"}) \
         if "disconnected" in httpx.get(f"{base}/metrics").text else 0.0
+    generated = metric(base, "hope_generation_tokens_total")
 
     body = {"model": model, "messages": [{"role": "user", "content": "go on forever"}], "max_tokens": 4000,
             "ignore_eos": True, "stream": True, "session_id": "dc"}
@@ -94,6 +96,7 @@ def test_disconnect_mid_stream_commits_nothing(sqlite_server: ServerProcess) -> 
     after = session(base, "dc")
     assert (after["version"], after["tokens_absorbed"]) == (before["version"], before["tokens_absorbed"])
     assert metric(base, "hope_request_failure_total", {"reason": "disconnected"}) == disconnects + 1
+    assert metric(base, "hope_generation_tokens_total") >= generated + 4  # the tokens it streamed count
     # and the session is free again: the next request is served at once
     r = httpx.post(f"{base}/v1/chat/completions", timeout=30,
                    json={"model": model, "messages": [{"role": "user", "content": "still there?"}],
@@ -112,6 +115,40 @@ def test_disconnect_during_a_non_streaming_request(sqlite_server: ServerProcess)
         assert time.perf_counter() - left < 5, "generation kept running after the client left"
         time.sleep(0.05)
     assert httpx.get(f"{base}/v1/sessions/dc2").status_code == 404  # nothing was committed
+
+
+def test_a_client_that_leaves_while_queued_gives_its_place_back(start_server, tmp_path) -> None:
+    """One engine slot, one waiting place: a request queued behind a long one whose client gives
+    up must leave the queue at once (not hold its place, turning the next client away with 429,
+    and count as waiting), and one queued behind a busy session likewise."""
+    server = start_server(f"sqlite:///{tmp_path}/sessions.db", HOPE_MAX_CONCURRENT_REQUESTS="1",
+                          HOPE_MAX_WAITING_REQUESTS="1")
+    base = server.base_url
+    long = {"model": "hope", "messages": [{"role": "user", "content": "a long answer"}], "max_tokens": 4000,
+            "ignore_eos": True, "stream": True, "session_id": "long"}
+    short = {"model": "hope", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    with httpx.Client(timeout=30) as client, client.stream("POST", f"{base}/v1/chat/completions", json=long) as r:
+        lines = r.iter_lines()  # kept: a line iterator that is dropped closes the response
+        next(line for line in lines if '"content"' in line)  # the long one holds the slot
+        for queued in (short | {"session_id": "other"}, short | {"session_id": "long"}):  # for a slot; for a session
+            with pytest.raises(httpx.ReadTimeout):  # the client gives up while queued
+                httpx.post(f"{base}/v1/chat/completions", json=queued, timeout=httpx.Timeout(30, read=0.5))
+            left = time.perf_counter()
+            while metric(base, "hope_requests_waiting") > 0:
+                assert time.perf_counter() - left < 5, "a departed client kept its place in the queue"
+                time.sleep(0.05)
+        # its place is free: the next client queues (not 429), and runs once the slot is
+        answers: list[httpx.Response] = []
+        later = threading.Thread(target=lambda: answers.append(httpx.post(
+            f"{base}/v1/chat/completions", json=short | {"session_id": "x"}, timeout=60)))
+        later.start()
+        queued_at = time.perf_counter()
+        while metric(base, "hope_requests_waiting") < 1:
+            assert time.perf_counter() - queued_at < 5 and later.is_alive(), answers and answers[0].text
+            time.sleep(0.05)
+    later.join(timeout=60)  # leaving the block cut the long stream: the slot is free
+    assert answers[0].status_code == 200 and answers[0].json()["session"]["version"] == 1
+    assert httpx.get(f"{base}/v1/sessions/other").status_code == 404  # the departed requests did nothing
 
 
 @pytest.mark.parametrize("store", ["sqlite", "redis"])
