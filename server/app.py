@@ -118,6 +118,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         app.include_router(playground.router)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, state_limit=settings.max_state_bytes,
                        on_refuse=lambda: ctx.metrics.request_failure.labels("too_large").inc())
+    app.add_middleware(ShutdownAnswer, retry_after=settings.overload_retry_after_s,
+                       on_answer=lambda: ctx.metrics.request_failure.labels("shutdown").inc())
     return app
 
 
@@ -137,6 +139,37 @@ def _redact(url: str) -> str:
         netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
         return urlunsplit(parts._replace(netloc=netloc))
     return url
+
+
+class ShutdownAnswer:
+    """A request still running when the server stops past its graceful period is cancelled by
+    uvicorn, which then answers a plain-text 500. Before anything was sent, it gets OpenAI's
+    error instead: 503 `shutting_down` with Retry-After (another replica can serve it; the
+    request committed nothing, and its turn gave back its locks as it was cancelled)."""
+
+    def __init__(self, app: ASGIApp, retry_after: int, on_answer) -> None:
+        self.app, self.retry_after, self.on_answer = app, retry_after, on_answer
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def watched_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched_send)
+        except asyncio.CancelledError:
+            if started:
+                raise
+            # the cancellation has done its work (the request unwound); answering is all that is left
+            self.on_answer()
+            error = APIError(503, "the server is shutting down; nothing was stored, send the request again",
+                             code="shutting_down", headers={"Retry-After": str(self.retry_after)})
+            await error.response()(scope, receive, send)
 
 
 class BodyLimit:

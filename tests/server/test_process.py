@@ -3,6 +3,8 @@ server killed with SIGKILL whose sessions continue after a restart (SQLite and R
 
 from __future__ import annotations
 
+import signal
+import sqlite3
 import threading
 import time
 
@@ -149,6 +151,31 @@ def test_a_client_that_leaves_while_queued_gives_its_place_back(start_server, tm
     later.join(timeout=60)  # leaving the block cut the long stream: the slot is free
     assert answers[0].status_code == 200 and answers[0].json()["session"]["version"] == 1
     assert httpx.get(f"{base}/v1/sessions/other").status_code == 404  # the departed requests did nothing
+
+
+def test_a_request_cut_by_shutdown_is_answered_in_openais_format(start_server, tmp_path) -> None:
+    """SIGTERM: a request that outlives the graceful period (5 s) is cancelled; before anything
+    was sent it gets 503 `shutting_down` with Retry-After (not uvicorn's plain-text 500), and
+    nothing is stored."""
+    server = start_server(f"sqlite:///{tmp_path}/sessions.db", HOPE_MAX_TOKENS_LIMIT="100000")
+    body = {"model": "hope", "messages": [{"role": "user", "content": "a very long answer"}], "max_tokens": 100000,
+            "ignore_eos": True, "session_id": "cut"}
+    answers: list[httpx.Response] = []
+    request = threading.Thread(target=lambda: answers.append(
+        httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=60)))
+    request.start()
+    started = time.perf_counter()
+    while metric(server.base_url, "hope_requests_running") < 1:
+        assert time.perf_counter() - started < 10
+        time.sleep(0.05)
+    server.proc.send_signal(signal.SIGTERM)
+    request.join(timeout=60)
+    r = answers[0]
+    assert r.status_code == 503 and r.headers["content-type"] == "application/json", r.text
+    assert r.json()["error"]["code"] == "shutting_down" and int(r.headers["retry-after"]) >= 1
+    assert server.proc.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled
+    with sqlite3.connect(tmp_path / "sessions.db") as db:
+        assert db.execute("SELECT count(*) FROM sessions WHERE session_id = 'cut'").fetchone()[0] == 0
 
 
 @pytest.mark.parametrize("store", ["sqlite", "redis"])
