@@ -71,27 +71,39 @@ def split_digests(blob: bytes) -> list[bytes]:
     return [blob[i:i + DIGEST_BYTES] for i in range(0, len(blob) - DIGEST_BYTES + 1, DIGEST_BYTES)]
 
 
-def resent_prefix(request: Sequence[bytes], history: Sequence[bytes], truncated: bool = False) -> int:
-    """How many leading messages of a request the session has already absorbed: the largest k
-    with request[:k] == history[-k:].
+RESENT_ANYWHERE = 3  # messages a request must share with the log to match away from its end
 
-    `truncated`: the history keeps only its last len(history) messages. A request whose first k
-    messages end with all of them (k > len(history)) is then also taken as re-sent, since a
-    conversation longer than the kept history can only match that way.
+
+def resent_prefix(request: Sequence[bytes], history: Sequence[bytes], truncated: bool = False) -> int:
+    """How many leading messages of a request the session has already absorbed.
+
+    The request's first k messages must equal k consecutive logged messages. Ending at the
+    log's end, any k counts: the client re-sent the conversation and adds to it. Ending earlier,
+    k >= RESENT_ANYWHERE: the client left the log's last messages out (a retry whose first
+    attempt was stored, a regenerated reply, an edited message); those stay absorbed (a stream
+    cannot forget) and the rest of the request is absorbed after them. A client that sends only
+    its new message (with a system prompt, two) may well say the same thing twice, so fewer
+    messages never match away from the end. The largest such k; 0 when none.
+
+    `truncated`: the history keeps only its last len(history) messages, so a request's first
+    messages may predate it: an alignment that starts before the kept history compares only the
+    messages that fall inside it.
     """
     n = len(history)
     if not n or not request:
         return 0
-    last = history[-1]
-    # a candidate k must end on the history's last message: only those are compared in full
-    for k in range(len(request), 0, -1):
-        if request[k - 1] != last:
+    first = 1 - len(request) if truncated else 0  # where request[0] sits in the history
+    best = 0
+    for start in range(first, n):
+        offset = max(0, -start)  # request messages before the kept history
+        if request[offset] != history[start + offset]:
             continue
-        if k <= n and list(request[:k]) == list(history[n - k:]):
-            return k
-        if k > n and truncated and list(request[k - n:k]) == list(history):
-            return k
-    return 0
+        k = offset
+        while k < len(request) and start + k < n and request[k] == history[start + k]:
+            k += 1
+        if k > best and (start + k == n or k >= RESENT_ANYWHERE):
+            best = k
+    return best
 
 
 # ---- in-process state cache --------------------------------------------------------------------

@@ -81,6 +81,26 @@ async def test_resent_history_equals_new_message_only(engine: Engine) -> None:
         assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
 
 
+async def test_a_retried_or_edited_turn_absorbs_only_what_is_new(engine: Engine) -> None:
+    """A client that sends a stored turn again (a retry, a regenerate) or edits its last message
+    re-sends the conversation without the logged reply: the earlier messages are not absorbed
+    a second time."""
+    async with running_app(engine) as api:
+        history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "one"}]
+        history.append((await api.chat(history, session="retry"))["choices"][0]["message"])
+        history.append({"role": "user", "content": "two"})
+        first = await api.chat(history, session="retry")
+        before = (await api.session("retry"))["tokens_absorbed"]
+        again = await api.chat(history, session="retry")  # the same request again
+        assert again["session"]["resent_messages"] == 4
+        assert again["usage"]["prompt_tokens"] < first["usage"]["prompt_tokens"]
+        reply_and_prompt = again["usage"]["prompt_tokens"] + again["usage"]["completion_tokens"] + 1  # <|end|>
+        assert (await api.session("retry"))["tokens_absorbed"] - before <= reply_and_prompt
+        edited = [*history[:3], {"role": "user", "content": "two, edited"}]
+        out = await api.chat(edited, session="retry")  # after the regenerate: two replies logged
+        assert out["session"]["resent_messages"] == 3
+
+
 async def test_learn_false_changes_nothing(engine: Engine) -> None:
     async with running_app(engine) as api:
         await api.chat("remember this", session="ro")

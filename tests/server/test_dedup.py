@@ -1,4 +1,5 @@
-"""Which messages of a request were already absorbed: the largest k with request[:k] == history[-k:]."""
+"""Which messages of a request were already absorbed: its first k equal k consecutive logged messages, at the
+log's end (any k) or earlier (k >= 3: a retry, a regenerate, an edit)."""
 
 from __future__ import annotations
 
@@ -52,3 +53,33 @@ def test_split_digests_roundtrip() -> None:
     digests = d("u1", "a1", "u2")
     assert split_digests(b"".join(digests)) == digests
     assert split_digests(b"") == []
+
+
+def test_a_retry_or_a_regenerate_leaves_the_logged_reply_out() -> None:
+    """The same request sent again (its first attempt was stored, its reply logged): the whole
+    request is re-sent, nothing is absorbed twice."""
+    assert resent_prefix(d("u1", "a1", "u2"), d("u1", "a1", "u2", "a2")) == 3
+    assert resent_prefix(d("u1", "a1", "u2"), d("u1", "a1", "u2", "a2", "a2-again")) == 3
+
+
+def test_an_edited_message_matches_up_to_the_edit() -> None:
+    assert resent_prefix(d("s", "u1", "a1", "u2-edited"), d("s", "u1", "a1", "u2", "a2", "a2-again")) == 3
+    assert resent_prefix(d("s", "u1", "a1-edited", "u2"), d("s", "u1", "a1", "u2", "a2")) == 0  # < 3 shared
+
+
+def test_few_messages_never_match_away_from_the_end() -> None:
+    """A client that sends only its new message (with a system prompt: two) may say the same
+    thing twice: it is absorbed again."""
+    assert resent_prefix(d("ok"), d("u1", "a1", "ok", "a2")) == 0
+    assert resent_prefix(d("s", "ok"), d("s", "ok", "a1", "s", "u2", "a2")) == 0
+
+
+def test_a_match_at_the_end_comes_first() -> None:
+    history = d("u1", "a1", "u1", "a1")
+    assert resent_prefix(d("u1", "a1", "u2"), history) == 2  # the end of the log: both alignments give 2
+
+
+def test_a_retry_beyond_the_kept_history() -> None:
+    kept = d("a1", "u2", "a2")  # the last 3 of 4
+    assert resent_prefix(d("u1", "a1", "u2"), kept, truncated=True) == 3
+    assert resent_prefix(d("u1", "a1", "u2"), kept, truncated=False) == 0
