@@ -62,6 +62,17 @@ class SessionState:
 
     # ---- bytes ----------------------------------------------------------------------------
 
+    def stored_as(self, dtype: str = "float32") -> SessionState:
+        """What a load of `to_bytes(dtype)` holds (floats rounded through `dtype`, back at their
+        own precision), without the bytes: a copy kept beside the stored blob must give the
+        same answers as the blob."""
+        if dtype not in STORAGE_DTYPES:
+            raise ValueError(f"storage dtype must be one of {sorted(STORAGE_DTYPES)}")
+        storage = STORAGE_DTYPES[dtype]
+        rounded = self.state.map(lambda t: t.to(storage).to(t.dtype) if t.is_floating_point() and t.dtype != storage
+                                 else t)
+        return SessionState(rounded, self.fingerprint, self.version)
+
     def to_bytes(self, dtype: str = "float32") -> bytes:
         """safetensors bytes; floats stored as `dtype` (bf16 halves the size, not bit-exact)."""
         if dtype not in STORAGE_DTYPES:

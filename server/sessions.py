@@ -320,9 +320,10 @@ class Turn:
                 # until a load has read the store again
                 m.cache.drop(key)
                 raise
-            # write-through, only after the store accepted the commit; a (shallow) copy, so that
-            # nothing done to the working copy afterwards reaches the cache
-            m.cache.put(key, meta.uid, meta.version, self.work.copy())
+            # write-through, only after the store accepted the commit; a copy (shallow at float32),
+            # so that nothing done to the working copy afterwards reaches the cache, holding what
+            # the blob holds, so that a replica that loads it answers as this one does
+            m.cache.put(key, meta.uid, meta.version, self.work.stored_as(m.settings.state_dtype))
             return meta
 
     async def _write(self, new_digests: Sequence[bytes], reset_history: bool,

@@ -360,6 +360,18 @@ async def test_bfloat16_storage(engine: Engine) -> None:
         assert meta["state_bytes"] < engine.new_session().nbytes("float32") * 0.6
 
 
+async def test_bfloat16_storage_answers_the_same_from_the_cache_and_the_store(engine: Engine) -> None:
+    """The cache keeps what the bf16 blob holds, not the float32 working copy: the session (a
+    cache hit) and its fork (read from the store) answer alike."""
+    async with running_app(engine, state_dtype="bfloat16") as api:
+        await api.chat("half the bytes", session="half", max_tokens=12, ignore_eos=True)
+        assert (await api.client.post("/v1/sessions/half/fork", json={"new_id": "copy"})).status_code == 201
+        body = {"max_tokens": 6, "logprobs": True, "learn": False}
+        cached = await api.chat("and then?", session="half", **body)
+        stored = await api.chat("and then?", session="copy", **body)
+        assert cached["choices"] == stored["choices"]
+
+
 async def test_tenant_isolation(engine: Engine) -> None:
     keys = "acme:key-a,globex:key-g"
     acme, globex = {"Authorization": "Bearer key-a"}, {"Authorization": "Bearer key-g"}
