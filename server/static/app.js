@@ -390,12 +390,21 @@ async function loadSessions(more = false) {
   }
   const list = $("session-list");
   if (!more) list.replaceChildren();
-  for (const s of page.data) list.append(sessionItem(s.id, `${s.tokens_absorbed} tok \u00b7 v${s.version}`));
-  if (!more && !page.data.some((s) => s.id === state.id)) list.prepend(sessionItem(state.id, "new"));
+  const listed = new Set([...list.querySelectorAll("button.session")].map((b) => b.dataset.id));
+  // the current session is listed first when it is not on the first page; a later page that
+  // holds it does not list it twice
+  for (const s of page.data) {
+    if (!listed.has(s.id)) list.append(sessionItem(s.id, summary(s)));
+  }
+  if (!more && !page.data.some((s) => s.id === state.id)) {
+    list.prepend(sessionItem(state.id, state.info?.id === state.id ? summary(state.info) : "new"));
+  }
   state.after = page.has_more ? page.last_id : null;
   $("more-sessions").hidden = !page.has_more;
   markCurrent();
 }
+
+const summary = (info) => `${info.tokens_absorbed} tok \u00b7 v${info.version}`;
 
 function sessionItem(id, detail) {
   const button = el("button", { type: "button", class: "session", "data-id": id }, el("span", {}, id),
@@ -499,10 +508,14 @@ async function importSession(file) {
 // ---- start -----------------------------------------------------------------------------------
 
 function showKeyForm(message) {
-  $("key-form").hidden = false;
-  $("api-key").value = auth.key;
+  // opened with the key in use; once open, its field is the user's: a later refusal (a refresh
+  // of the panel, the list) must not wipe what they are typing
+  if ($("key-form").hidden) {
+    $("key-form").hidden = false;
+    $("api-key").value = auth.key;
+    $("api-key").focus();
+  }
   if (message) $("api-key").title = message;
-  $("api-key").focus();
 }
 
 async function connect() {
@@ -596,7 +609,8 @@ function wire() {
   });
   window.addEventListener("resize", drawPlot);
   setInterval(() => {
-    if (!state.controller && document.visibilityState === "visible") refreshInfo();
+    // (no session before the server accepted us: nothing to refresh)
+    if (state.id && !state.controller && document.visibilityState === "visible") refreshInfo();
   }, 15000);
 }
 

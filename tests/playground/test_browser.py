@@ -216,6 +216,12 @@ def test_api_key_field_when_the_server_has_keys(keyed_server: ServerProcess, ope
     page.find_element(By.CSS_SELECTOR, "#key-form button").click()
     wait(page, lambda d: "refused" in d.find_element(By.ID, "status").text)
 
+    # a refusal while the user types a key (the panel's refresh, the list's) leaves the field alone
+    set_field(page, "api-key", "acme-k")
+    page.find_element(By.ID, "refresh-sessions").click()
+    wait(page, lambda d: d.execute_script("return document.getElementById('api-key').title") != "")
+    assert page.find_element(By.ID, "api-key").get_attribute("value") == "acme-k"
+
     set_field(page, "api-key", "acme-key")
     page.find_element(By.CSS_SELECTOR, "#key-form button").click()
     ready(page)
@@ -234,6 +240,31 @@ def test_api_key_field_when_the_server_has_keys(keyed_server: ServerProcess, ope
     page.refresh()  # the key is remembered
     ready(page)
     assert page.find_element(By.ID, "panel-id").text == sid
+
+
+def test_the_current_session_beyond_the_first_page_is_listed_once_as_stored(server: ServerProcess,
+                                                                            open_page) -> None:
+    """The list shows 50 sessions a page: a stored current session on a later page is listed
+    first with its version (not as "new"), and the page that holds it does not list it again."""
+    base = server.base_url
+    ids = [f"page-{i:02d}" for i in range(52)] + ["zz-current"]
+    for sid in ids:
+        if httpx.get(f"{base}/v1/sessions/{sid}").status_code == 404:
+            r = httpx.post(f"{base}/v1/chat/completions", timeout=60, json={
+                "model": "hope", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "session_id": sid})
+            assert r.status_code == 200
+    page = open_page(base)
+    page.execute_script("localStorage.setItem('hope.playground.session', 'zz-current')")
+    page.refresh()
+    ready(page)
+    wait(page, lambda d: "zz-current" in listed(d))
+    first = page.find_element(By.CSS_SELECTOR, '#session-list button.session[data-id="zz-current"] small').text
+    assert first != "new" and "v1" in first
+    while page.find_element(By.ID, "more-sessions").is_displayed():
+        page.find_element(By.ID, "more-sessions").click()
+        time.sleep(0.3)
+    wait(page, lambda d: all(sid in listed(d) for sid in ids))
+    assert listed(page).count("zz-current") == 1
 
 
 def test_stop_ends_the_reply_and_stores_nothing(server: ServerProcess, open_page) -> None:
