@@ -110,7 +110,12 @@ def main(argv: list[str] | None = None) -> None:
     parts = [p for p in PARTS if p in args.only.split(",")]
     plan = Plan.make(device, args.quick)
     if args.levels:
-        plan.levels = plan.http_levels = [int(x) for x in args.levels.split(",")]
+        try:
+            plan.levels = plan.http_levels = [int(x) for x in args.levels.split(",")]
+        except ValueError:
+            raise ValueError(f"--levels takes numbers of sessions separated by commas, not {args.levels!r}") from None
+        if min(plan.levels) < 1:
+            raise ValueError(f"--levels are numbers of sessions, at least 1: {args.levels!r}")
 
     results = report.BenchResults(report.machine_info(device, command_line(argv)), device, args.quick)
     engine = None
@@ -131,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
             Path(args.write).parent.mkdir(parents=True, exist_ok=True)
             Path(args.write).write_text(text)
         if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(report.to_json(results), indent=2))
         return text
 

@@ -6,7 +6,10 @@ command needs, so `hope train` works without the web stack loaded.
 
 from __future__ import annotations
 
+import os
 import sys
+
+import tomllib
 
 COMMANDS = {
     "train": ("hope_core.train", "pre-train the slow weights (HOPE.md 2.3)"),
@@ -23,7 +26,16 @@ def main(argv: list[str] | None = None) -> None:
         print(f"usage: hope <command> [options]\n\ncommands:\n{lines}", file=sys.stderr)
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
     module = __import__(COMMANDS[argv[0]][0], fromlist=["main"])
-    module.main(argv[1:])
+    try:
+        module.main(argv[1:])
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except (ValueError, OSError, tomllib.TOMLDecodeError) as e:
+        # bad arguments, configs, paths: one line, not a traceback (HOPE_DEBUG=1 shows it)
+        if os.environ.get("HOPE_DEBUG"):
+            raise
+        print(f"hope {argv[0]}: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -187,8 +187,14 @@ def parse_override(kv: str) -> tuple[str, object]:
     if key not in kinds:
         raise SystemExit(f"unknown config field {key!r}")
     if kinds[key] == "bool":
-        return key, raw.lower() in ("1", "true", "yes")
-    return key, {"int": int, "float": float}.get(kinds[key], str)(raw)
+        words = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+        if raw.lower() not in words:
+            raise ValueError(f"--set {key} takes true or false, not {raw!r}")
+        return key, words[raw.lower()]
+    try:
+        return key, {"int": int, "float": float}.get(kinds[key], str)(raw)
+    except ValueError:
+        raise ValueError(f"--set {key} takes a {kinds[key]}, not {raw!r}") from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -206,6 +212,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="override a serving-time config field (e.g. lr_fast=0.05)")
     a = p.parse_args(argv)
     overrides = dict(parse_override(kv) for kv in a.set)
+    if a.markdown:  # found out before the evaluation, not after
+        Path(a.markdown).parent.mkdir(parents=True, exist_ok=True)
     ec = EvalConfig()
     if a.quick:
         ec.windows_per_source, ec.passages, ec.decode_tokens = 1, 3, 64

@@ -2,7 +2,7 @@
 
 Every training sequence is a fresh session that learns as it reads, chunk by chunk, exactly as
 in serving; the outer loss backpropagates through the Titans writes. One process on CPU or
-CUDA (bf16 autocast there), or several GPUs with `torchrun --nproc_per_node N -m hope_core.cli
+CUDA (bf16 autocast there), or several GPUs with `torchrun --nproc_per_node N -m hope.cli
 train ...` (DDP; each rank samples its own batches).
 
 A run directory holds
@@ -20,9 +20,11 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import tomllib
@@ -73,13 +75,48 @@ class TrainConfig:
     token_dir: str = ""
 
 
+    def __post_init__(self) -> None:
+        check_types(self, "[train]")
+        positive = ("seq_len", "batch_size", "steps", "log_every", "eval_batches")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"[train] {name} must be at least 1, not {getattr(self, name)}")
+        for name in ("max_minutes", "eval_every", "warmup_steps", "threads", "n_synthetic"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"[train] {name} must not be negative, not {getattr(self, name)}")
+        if not self.sources or any(not isinstance(w, (int, float)) or w < 0 for w in self.sources.values()):
+            raise ValueError("[train] sources must map source names to non-negative weights")
+
+
+def check_types(config: object, where: str) -> None:
+    """Each field of a config dataclass holds what its default is (an int where a float is
+    expected is taken as that float): a TOML `"false"` or `32.0` is refused, not read as true or
+    used as a size."""
+    for f in fields(config):  # type: ignore[arg-type]
+        value = getattr(config, f.name)
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        kind = type(default)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            setattr(config, f.name, float(value))
+        elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ValueError(f"{where} {f.name} must be {kind.__name__}, not {value!r}")
+
+
 def load_config(path: str | Path | None) -> tuple[HopeConfig, TrainConfig]:
     raw = tomllib.loads(Path(path).read_text()) if path else {}
+    tables = set(raw) - {"model", "train"}
+    if tables:
+        raise ValueError(f"unknown tables {sorted(tables)}: a config has [model] and [train]")
     tc_known = {f.name for f in fields(TrainConfig)}
     unknown = set(raw.get("train", {})) - tc_known
     if unknown:
         raise ValueError(f"unknown [train] keys: {sorted(unknown)}")
-    return HopeConfig.from_dict(raw.get("model", {})), TrainConfig(**raw.get("train", {}))
+    cfg = HopeConfig.from_dict(raw.get("model", {}))
+    check_types(cfg, "[model]")
+    tc = TrainConfig(**raw.get("train", {}))
+    if tc.seq_len % cfg.chunk:
+        raise ValueError(f"[train] seq_len {tc.seq_len} is not a multiple of [model] chunk {cfg.chunk}")
+    return cfg, tc
 
 
 def lr_at(tc: TrainConfig, step: int, elapsed_s: float) -> float:
@@ -251,22 +288,38 @@ def train(cfg: HopeConfig, tc: TrainConfig, resume: bool = False) -> Path:
         torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)
     out = Path(tc.out_dir)
+    check_run_dir(out, cfg, resume)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = HopeTokenizer.from_file(tc.tokenizer)
     if tokenizer.vocab_size != cfg.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but vocab_size is {cfg.vocab_size}")
     train_stream = build_streams(tc, tokenizer, "train")
     heldout_stream = build_streams(tc, tokenizer, "heldout")
+    if tc.eval_every:  # a held-out stream too short for one sequence: found out now, not at the run's end
+        heldout_stream.sample_batch(1, tc.seq_len, torch.Generator().manual_seed(0))
 
     model = HopeLM(cfg).to(device)
     graphed = tc.cuda_graph and device.type == "cuda" and not distributed
     opt = make_optimizer(model, tc, capturable=graphed)
     step, tokens_seen, elapsed = 0, 0, 0.0
-    if resume and (out / "progress.json").is_file():
-        from safetensors.torch import load_file as _load
-        model.load_state_dict(_load(str(out / "checkpoint" / "model.safetensors")))
+    gen = torch.Generator().manual_seed(tc.seed * 1000 + rank)
+    best = float("inf")
+    if resume:
+        model.load_state_dict(load_file(str(out / "checkpoint" / "model.safetensors")))
         prog = load_trainer_state(out, opt)
         step, tokens_seen, elapsed = prog["step"], prog["tokens_seen"], prog["elapsed_s"]
+        sampler = out / "sampler.safetensors"
+        if rank == 0 and sampler.is_file():  # the batches an uninterrupted run would have drawn
+            gen.set_state(load_file(str(sampler))["state"])
+        else:  # (other ranks, or a run saved before the sampler was)
+            gen.manual_seed(tc.seed * 1000 + rank + step)
+        log = out / "log.jsonl"
+        if rank == 0 and log.is_file():  # steps logged after the last save are run again: logged once
+            rows = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= step]
+            log.write_text("".join(row + "\n" for row in rows))
+        best_meta = out / "best" / "config.json"
+        if best_meta.is_file():  # the best point so far stays the one to beat
+            best = json.loads(best_meta.read_text()).get("training", {}).get("heldout_loss", best)
         if rank == 0:
             print(f"resumed {out} at step {step} ({tokens_seen:,} tokens)", file=sys.stderr)
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
@@ -275,7 +328,6 @@ def train(cfg: HopeConfig, tc: TrainConfig, resume: bool = False) -> Path:
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda",
                               cache_enabled=not graphed)
 
-    gen = torch.Generator().manual_seed(tc.seed * 1000 + rank + step)
     n_params = sum(p.numel() for p in model.parameters())
     if rank == 0:
         print(f"training {n_params / 1e6:.2f}M parameters on {device}"
@@ -283,8 +335,7 @@ def train(cfg: HopeConfig, tc: TrainConfig, resume: bool = False) -> Path:
               f"{tc.batch_size}x{tc.seq_len} tokens per step", file=sys.stderr, flush=True)
     progress = Progress(tc, out, step, elapsed)
     world = dist.get_world_size() if distributed else 1
-    last_loss, window_tokens = float("nan"), 0
-    best = float("inf")
+    last_loss, window_tokens = None, 0
 
     def save(heldout: float | None = None) -> None:
         nonlocal best
@@ -295,6 +346,8 @@ def train(cfg: HopeConfig, tc: TrainConfig, resume: bool = False) -> Path:
         if heldout is not None:
             meta["heldout_loss"] = heldout
         save_checkpoint(out / "checkpoint", model, tokenizer, training=meta)
+        save_file({"state": gen.get_state()}, str(out / ".sampler.tmp"))
+        os.replace(out / ".sampler.tmp", out / "sampler.safetensors")
         save_trainer_state(out, opt, {"step": step, "tokens_seen": tokens_seen,
                                       "elapsed_s": progress.elapsed, "last_loss": last_loss})
         if heldout is not None and heldout < best:  # the run may overshoot: keep its best point
@@ -313,7 +366,8 @@ def train(cfg: HopeConfig, tc: TrainConfig, resume: bool = False) -> Path:
 
     graph: torch.cuda.CUDAGraph | None = None
     graph_loss: torch.Tensor | None = None
-    while step < tc.steps:
+    stop = StopRequest()
+    while step < tc.steps and not stop.signum:
         if tc.max_minutes > 0 and progress.elapsed >= tc.max_minutes * 60:
             break
         lr = lr_at(tc, step, progress.elapsed)
@@ -341,6 +395,12 @@ def train(cfg: HopeConfig, tc: TrainConfig, resume: bool = False) -> Path:
             if rank == 0:
                 progress.log(step, last_loss, lr, window_tokens, extra)
             window_tokens = 0
+    stop.restore()
+    if stop.signum:  # between two steps: save where the run is, and say how to go on
+        save()
+        if distributed:
+            dist.destroy_process_group()
+        raise Interrupted(stop.signum, step, out)
     final = None
     if tc.eval_every:  # the end of the run competes for "best" too
         model.eval()
@@ -354,6 +414,52 @@ def train(cfg: HopeConfig, tc: TrainConfig, resume: bool = False) -> Path:
         print(f"done: {step} steps, {tokens_seen:,} tokens, {_hms(progress.elapsed)}; "
               f"checkpoint in {out / 'checkpoint'}", file=sys.stderr)
     return out / "checkpoint"
+
+
+def check_run_dir(out: Path, cfg: HopeConfig, resume: bool) -> None:
+    """A run directory holds one run: a new run never writes over another, and `--resume`
+    continues only a run of the same model."""
+    saved = out / "checkpoint" / "config.json"
+    if not resume:
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise ValueError(f"{out} is not empty: --resume continues the run in it; or choose another --out")
+        return
+    if not (out / "progress.json").is_file() or not saved.is_file():
+        raise ValueError(f"there is no run to resume in {out}")
+    model = json.loads(saved.read_text()).get("model")
+    if model != cfg.to_dict():
+        changed = sorted(k for k in cfg.to_dict() if (model or {}).get(k) != cfg.to_dict()[k])
+        raise ValueError(f"{out} holds a run of another model (differs in {changed}); resume it with its config")
+
+
+class StopRequest:
+    """SIGINT or SIGTERM during training asks the loop to stop after the step under way, which
+    then saves the run: a second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._old: dict[int, object] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._request)
+
+    def _request(self, signum: int, frame) -> None:
+        if self.signum == signal.SIGINT == signum:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step to save the run "
+              "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    def restore(self) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+
+
+class Interrupted(Exception):
+    def __init__(self, signum: int, step: int, out: Path) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; the run is saved in {out}: "
+                         f"`hope train --config ... --out {out} --resume` continues it")
+        self.signum = signum
 
 
 def capture_step(train_step, opt: torch.optim.Optimizer, rank: int
@@ -426,13 +532,19 @@ def main(argv: list[str] | None = None) -> None:
         return
     if a.out:
         tc.out_dir = a.out
-    if a.steps:
+    if a.steps is not None:
+        if a.steps < 1:
+            raise ValueError(f"--steps must be at least 1, not {a.steps}")
         tc.steps = a.steps
     if a.max_minutes is not None:
         tc.max_minutes = a.max_minutes
     if a.device:
         tc.device = a.device
-    train(cfg, tc, resume=a.resume)
+    try:
+        train(cfg, tc, resume=a.resume)
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        sys.exit(128 + e.signum)
 
 
 if __name__ == "__main__":

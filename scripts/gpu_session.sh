@@ -24,6 +24,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv >
 python3 -c "import torch; print(torch.__version__, torch.cuda.is_available())" >> "$OUT/gpu.txt"
 
 STAGES=${STAGES:-check bench train}
+# each session trains into runs of its own (hope train never writes over a run)
+RUNS=${RUNS:-runs/gpu-$(date -u +%Y%m%d-%H%M%S)}
 has() { case " $STAGES " in *" $1 "*) return 0;; esac; return 1; }
 
 if has check; then
@@ -48,7 +50,7 @@ fi
 if has train; then
 stamp "train the sweep side by side ($MIN minutes)"
 for c in a b c; do
-  python3 -m hope_core.train --config configs/sweep/$c.toml --token-dir .pack/tokens --out runs/sweep-$c \
+  python3 -m hope_core.train --config configs/sweep/$c.toml --token-dir .pack/tokens --out "$RUNS/sweep-$c" \
     --max-minutes "$MIN" --device $DEV $STEPS > "$OUT/train_$c.log" 2>&1 &
 done
 wait
@@ -56,11 +58,11 @@ for c in a b c; do grep -E "captur|step .*(00|50)/|final|Error|error" "$OUT/trai
 
 stamp "evaluate"
 for c in a b c; do
-  timeout 60 python3 -m hope_core.evaluate --checkpoint runs/sweep-$c/best --device $DEV --quick --json \
-    --no-ablations --token-dir .pack/tokens > runs/sweep-$c/eval.json 2> "$OUT/eval_$c.log" &
+  timeout 60 python3 -m hope_core.evaluate --checkpoint "$RUNS/sweep-$c/best" --device $DEV --quick --json \
+    --no-ablations --token-dir .pack/tokens > "$RUNS/sweep-$c/eval.json" 2> "$OUT/eval_$c.log" &
 done
 wait
-python3 scripts/pick_checkpoint.py runs/sweep-a runs/sweep-b runs/sweep-c | tee "$OUT/pick.json"
+python3 scripts/pick_checkpoint.py "$RUNS/sweep-a" "$RUNS/sweep-b" "$RUNS/sweep-c" | tee "$OUT/pick.json"
 
 fi
 
@@ -69,7 +71,7 @@ for run in $(python3 -c "import json; print(' '.join(r['run'] for r in json.load
   name=$(basename "$run")
   tar cf - -C "$run" best | split -b 15m - "$OUT/$name.tar.part-"
 done
-tar czf "$OUT/logs.tgz" runs/*/log.jsonl runs/*/progress.json runs/*/eval.json "$OUT"/*.log "$OUT"/*.json "$OUT"/*.md "$OUT/gpu.txt" 2>/dev/null
+tar czf "$OUT/logs.tgz" "$RUNS"/*/log.jsonl "$RUNS"/*/progress.json "$RUNS"/*/eval.json "$OUT"/*.log "$OUT"/*.json "$OUT"/*.md "$OUT/gpu.txt" 2>/dev/null
 rm -f "$OUT"/*.log "$OUT"/bench_*.json "$OUT"/bench_*.md "$OUT/gpu_check.json"
 ls -la "$OUT"
 stamp "done"

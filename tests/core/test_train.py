@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -128,3 +132,89 @@ def test_session_level_initial_weights_get_their_own_learning_rate() -> None:
         assert group["lr"] == pytest.approx(2e-4 if init[0] else 2e-3)
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
     assert any(train.session_init(n) for n in names.values())
+
+
+def _tiny_run(tmp_path: Path, name: str = "run", **overrides) -> train.TrainConfig:
+    return train.TrainConfig(**({"out_dir": str(tmp_path / name), "seq_len": 64, "batch_size": 4, "steps": 6,
+                                 "lr": 3e-3, "warmup_steps": 2, "eval_every": 3, "eval_batches": 1, "log_every": 1,
+                                 "device": "cpu"} | overrides))
+
+
+def test_a_run_directory_is_never_written_over(tmp_path: Path, tiny_streams: None) -> None:
+    tc = _tiny_run(tmp_path, steps=3)
+    train.train(TINY, tc)
+    weights = (tmp_path / "run" / "checkpoint" / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="not empty"):
+        train.train(TINY, tc)  # a new run, no --resume
+    with pytest.raises(ValueError, match="another model"):
+        train.train(HopeConfig(**(TINY.to_dict() | {"mid_hidden": 8})), tc, resume=True)
+    with pytest.raises(ValueError, match="no run to resume"):
+        train.train(TINY, _tiny_run(tmp_path, "empty"), resume=True)
+    assert (tmp_path / "run" / "checkpoint" / "model.safetensors").read_bytes() == weights
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path: Path, tiny_streams: None) -> None:
+    """The same batches and optimizer state: stopping at step 3 and resuming to 6 ends in the
+    weights of 6 steps in one go; the best point so far is kept, not reset."""
+    torch.manual_seed(0)
+    train.train(TINY, _tiny_run(tmp_path, "whole"))
+    torch.manual_seed(0)
+    tc = _tiny_run(tmp_path, "halves", steps=3)
+    train.train(TINY, tc)
+    best = json.loads((tmp_path / "halves" / "best" / "config.json").read_text())["training"]["heldout_loss"]
+    tc.steps = 6
+    train.train(TINY, tc, resume=True)
+    whole = load_checkpoint(tmp_path / "whole" / "checkpoint").model.state_dict()
+    halves = load_checkpoint(tmp_path / "halves" / "checkpoint").model.state_dict()
+    assert all(torch.equal(whole[k], halves[k]) for k in whole)
+    kept = json.loads((tmp_path / "halves" / "best" / "config.json").read_text())["training"]["heldout_loss"]
+    assert kept <= best
+
+
+def test_sigint_stops_after_the_step_and_saves_the_run(tmp_path: Path, tiny_streams: None) -> None:
+    tc = _tiny_run(tmp_path, steps=100000, eval_every=0)
+    log = tmp_path / "run" / "log.jsonl"
+
+    def interrupt_once_training() -> None:
+        deadline = time.monotonic() + 60
+        while not log.is_file() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_once_training, daemon=True).start()
+    with pytest.raises(train.Interrupted, match="--resume") as info:
+        train.train(TINY, tc)
+    assert info.value.signum == signal.SIGINT
+    progress = json.loads((tmp_path / "run" / "progress.json").read_text())
+    assert 1 <= progress["step"] < 100000
+    assert load_checkpoint(tmp_path / "run" / "checkpoint").meta["training"]["steps"] == progress["step"]
+
+
+def test_config_values_of_the_wrong_type_or_range_are_refused(tmp_path: Path) -> None:
+    p = tmp_path / "c.toml"
+    for text, match in (('[model]\nself_modifying = "false"\n', "self_modifying"),
+                        ("[model]\nd_model = 32.0\n", "d_model"),
+                        ('[train]\nsteps = "ten"\n', "steps"),
+                        ("[train]\nbatch_size = 0\n", "batch_size"),
+                        ("[train]\nseq_len = 60\n", "multiple"),
+                        ("[trian]\nsteps = 3\n", "unknown tables")):
+        p.write_text(text)
+        with pytest.raises(ValueError, match=match):
+            train.load_config(p)
+    with pytest.raises(ValueError, match="steps"):
+        train.main(["--steps", "0", "--out", str(tmp_path / "zero")])
+    assert not (tmp_path / "zero").exists()
+
+
+def test_bad_arguments_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from hope import cli
+
+    (tmp_path / "bad.toml").write_text("[model]\nd_model = 32.0\n")
+    for argv in (["train", "--config", str(tmp_path / "missing.toml")],
+                 ["train", "--config", str(tmp_path / "bad.toml")],
+                 ["eval", "--set", "key_shift=ture"], ["bench", "--levels", "a,b"]):
+        with pytest.raises(SystemExit) as info:
+            cli.main(argv)
+        assert info.value.code == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"hope {argv[0]}: error: ") and "\n" not in err, err
