@@ -118,6 +118,10 @@ def evaluate(engine: Engine, ec: EvalConfig, cache_dir: Path, compare: Engine | 
     for stream in streams.values():
         for batch in stream.iter_windows(1, ec.window_tokens - 1, ec.windows_per_source):
             windows.append(batch[0].tolist())
+    if not windows:
+        longest = max((len(st.tokens) for st in streams.values()), default=0)
+        raise ValueError(f"the held-out streams hold no window of {ec.window_tokens} tokens (the longest has "
+                         f"{longest})")
     episodes = reread_episodes(streams, ec)
 
     state = engine.new_session()

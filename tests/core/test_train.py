@@ -218,3 +218,4 @@ def test_bad_arguments_are_one_line_errors(tmp_path: Path, capsys: pytest.Captur
         assert info.value.code == 2, argv
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"hope {argv[0]}: error: ") and "\n" not in err, err
+
