@@ -373,7 +373,8 @@ class Scheduler:
         if error is not None:
             r.future.set_exception(error)
             return
-        gen = r.text.result(r.decode_updates) if r.text is not None else None
+        # the generation's updates are the prompt's and the reply's, as Engine.generate's are
+        gen = r.text.result(r.updates + r.decode_updates) if r.text is not None else None
         r.future.set_result(JobResult(r.prompt_logprobs, gen, r.updates + r.decode_updates + r.close_updates))
 
     def _fail_all(self, error: BaseException, queued: bool = True) -> None:

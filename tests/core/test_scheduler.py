@@ -69,6 +69,7 @@ def test_a_batched_job_equals_the_same_job_alone(any_engine, max_batch, prefill)
         torch.testing.assert_close(torch.tensor(got.generation.logprobs), torch.tensor(ref.logprobs),
                                    atol=ATOL, rtol=0)
         assert [u.level for u in got.updates] == [u.level for u in ref.updates]
+        assert [u.level for u in got.generation.updates] == [u.level for u in ref.updates]  # as generate's
         assert_same_state(session, ref_session)
 
 
