@@ -15,7 +15,10 @@ from hope_core.engine import UpdateRecord
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _TOKEN_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
 _IO = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-_BYTES = tuple(float(2**k) for k in range(12, 31, 2))  # 4 KiB .. 1 GiB
+# 4 KiB .. 1 GiB by factors of 2, and 48 MiB: HopeSessionStateNearLimit asks for the p99 above
+# 48 MiB, and a quantile inside a wide bucket is read as near its top (a 20 MiB state in a
+# 16-64 MiB bucket read as 63 MiB)
+_BYTES = tuple(sorted({float(2**k) for k in range(12, 31)} | {48.0 * 2**20}))
 # titans surprise is a squared error near 0..10; fast/mid surprise is a next-token loss (nats)
 _SURPRISE = (0.01, 0.03, 0.1, 0.3, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 15.0, 25.0)
 _NORM = (1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0)
