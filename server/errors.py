@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.stores.base import StoreUnavailable
+from server.stores.base import StoreFull, StoreUnavailable
 
 log = logging.getLogger("hope.server")
 
@@ -76,7 +76,10 @@ def overloaded(message: str, retry_after: int) -> APIError:
     return APIError(429, message, code="overloaded", headers={"Retry-After": str(retry_after)})
 
 
-def store_unavailable(retry_after: int) -> APIError:
+def store_unavailable(retry_after: int, full: bool = False) -> APIError:
+    if full:  # counted as unavailable (it pages); the message tells the operator what to do
+        return APIError(503, "the session store is full and refuses writes; nothing was stored",
+                        code="store_full", reason="store_unavailable", headers={"Retry-After": str(retry_after)})
     return APIError(503, "the session store is unreachable; try again shortly", code="store_unavailable",
                     headers={"Retry-After": str(retry_after)})
 
@@ -129,8 +132,9 @@ def install_error_handlers(app: FastAPI, count_failure, retry_after: int,
 
     @app.exception_handler(StoreUnavailable)
     async def _store(request: Request, exc: StoreUnavailable) -> JSONResponse:
-        log.warning("session store unreachable", extra={"error": str(exc)})
-        err = store_unavailable(retry_after)
+        full = isinstance(exc, StoreFull)
+        log.warning("session store full" if full else "session store unreachable", extra={"error": str(exc)})
+        err = store_unavailable(retry_after, full)
         count_failure(request, err.reason)
         return err.response()
 

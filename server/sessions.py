@@ -50,7 +50,15 @@ from hope_core.state import SessionState, StateError
 from server.errors import NO_RETRY, APIError, not_found, overloaded, session_busy, store_unavailable, too_large
 from server.metrics import Metrics
 from server.settings import Settings
-from server.stores.base import DIGEST_BYTES, Page, SessionMeta, SessionRecord, StateStore, StoreUnavailable
+from server.stores.base import (
+    DIGEST_BYTES,
+    Page,
+    SessionMeta,
+    SessionRecord,
+    StateStore,
+    StoreFull,
+    StoreUnavailable,
+)
 from server.worker import run_blocking
 
 log = logging.getLogger("hope.server")
@@ -351,6 +359,8 @@ class Turn:
         record = SessionRecord(meta, b"".join(history), blob)
         try:
             ok = await m.store.commit(record, self.version, self.lock_token)
+        except StoreFull:  # refused whole: nothing landed
+            raise store_unavailable(m.settings.overload_retry_after_s, full=True) from None
         except StoreUnavailable:
             ok = await self._settle(meta)
         if not ok:

@@ -5,8 +5,9 @@ from server.stores.base import (
     SessionMeta,
     SessionRecord,
     StateStore,
+    StoreFull,
     StoreUnavailable,
     open_store,
 )
 
-__all__ = ["Page", "SessionMeta", "SessionRecord", "StateStore", "StoreUnavailable", "open_store"]
+__all__ = ["Page", "SessionMeta", "SessionRecord", "StateStore", "StoreFull", "StoreUnavailable", "open_store"]

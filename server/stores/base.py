@@ -37,6 +37,11 @@ class StoreUnavailable(RuntimeError):
     """The store cannot be reached or answered with an I/O error (the server answers 503)."""
 
 
+class StoreFull(StoreUnavailable):
+    """The store refuses writes for lack of room (Redis at maxmemory with noeviction). A write
+    it refused wrote nothing."""
+
+
 def valid_session_id(session_id: str) -> bool:
     return SESSION_ID_RE.fullmatch(session_id) is not None
 

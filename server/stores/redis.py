@@ -28,7 +28,15 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import redis.asyncio as aioredis
 from redis import exceptions as rex
 
-from server.stores.base import Page, SessionMeta, SessionRecord, StateStore, StoreUnavailable, check_key
+from server.stores.base import (
+    Page,
+    SessionMeta,
+    SessionRecord,
+    StateStore,
+    StoreFull,
+    StoreUnavailable,
+    check_key,
+)
 
 log = logging.getLogger("hope.store")
 
@@ -78,10 +86,8 @@ return 0
 """
 
 # Errors that mean "Redis is not there right now" (503), as opposed to a bug (500).
-# A full Redis (maxmemory with noeviction, as docs/deploy.md sets it) refuses writes until keys
-# expire or memory is added: unavailable for now, not a bug.
 _UNAVAILABLE = (rex.ConnectionError, rex.TimeoutError, rex.BusyLoadingError, rex.ReadOnlyError,
-                rex.ClusterDownError, rex.TryAgainError, rex.OutOfMemoryError, OSError)
+                rex.ClusterDownError, rex.TryAgainError, OSError)
 
 
 def _ms(seconds: float) -> int:
@@ -120,6 +126,10 @@ class RedisStore(StateStore):
     async def _call(self, coro):
         try:
             return await coro
+        except rex.OutOfMemoryError as e:
+            # maxmemory with noeviction (docs/deploy.md): writes are refused until keys expire
+            # or memory is added; unavailable for now, not a bug, and not unreachable either
+            raise StoreFull(f"redis: {e}") from e
         except _UNAVAILABLE as e:
             raise StoreUnavailable(f"redis: {e}") from e
 

@@ -49,3 +49,19 @@ async def test_a_stalled_commit_is_answered_by_what_the_store_holds(engine: Engi
                 assert outcome == "store_outcome_unknown"
             else:
                 assert outcome != "store_outcome_unknown"
+
+
+async def test_a_full_redis_answers_store_full(engine: Engine, tmp_path) -> None:
+    """Redis at maxmemory (noeviction) refuses the commit whole: 503 `store_full` with Retry-After,
+    not "unreachable", and the refused turn left nothing."""
+    with own_redis(tmp_path, "--maxmemory", "3mb", "--maxmemory-policy", "noeviction") as (url, _):
+        async with running_app(engine, url) as api:
+            for i in range(300):
+                r = await api.client.post("/v1/chat/completions", json={
+                    "model": api.model, "messages": [{"role": "user", "content": "fill"}], "max_tokens": 2,
+                    "session_id": f"s{i}"})
+                if r.status_code != 200:
+                    break
+            assert r.status_code == 503, r.text
+            assert r.json()["error"]["code"] == "store_full" and int(r.headers["retry-after"]) >= 1
+            assert (await api.client.get(f"/v1/sessions/s{i}")).status_code == 404

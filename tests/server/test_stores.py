@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 import redis
 
-from server.stores import SessionMeta, SessionRecord, StateStore, StoreUnavailable, open_store
+from server.stores import SessionMeta, SessionRecord, StateStore, StoreFull, StoreUnavailable, open_store
 from server.stores.sqlite import sqlite_path
 from tests.server.support import REDIS_URL, delete_prefix, free_port, own_redis, redis_available
 
@@ -195,15 +195,15 @@ def _cluster_keyslot_available(client: redis.Redis) -> bool:
 
 async def test_a_full_redis_is_unavailable_not_a_bug(tmp_path) -> None:
     """At maxmemory with noeviction (docs/deploy.md), Redis refuses writes with an OOM error:
-    a 503 with Retry-After, as for any store that cannot take a write, and nothing half-written."""
+    a 503 with Retry-After (`store_full`, not "unreachable"), and nothing half-written."""
     with own_redis(tmp_path, "--maxmemory", "4mb", "--maxmemory-policy", "noeviction") as (url, _):
         store = open_store(url)
         try:
-            with pytest.raises(StoreUnavailable):
+            with pytest.raises(StoreFull):
                 for i in range(40):  # 512 KiB each: Redis is full long before the last
                     assert await store.commit(record(sid=f"s{i}", state=bytes(512 * 1024)), 0, None)
             assert i > 0 and await store.get_meta("acme", f"s{i}") is None  # the refused one wrote nothing
-            with pytest.raises(StoreUnavailable):  # nor does a commit over a stored session
+            with pytest.raises(StoreFull):  # nor does a commit over a stored session
                 await store.commit(record(sid="s0", version=2, state=b"\1" * (512 * 1024)), 1, None)
             kept = await store.load("acme", "s0")
             assert kept is not None and kept.meta.version == 1 and kept.state == bytes(512 * 1024)
