@@ -28,15 +28,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import redis.asyncio as aioredis
 from redis import exceptions as rex
 
-from server.stores.base import (
-    Page,
-    SessionMeta,
-    SessionRecord,
-    StateStore,
-    StoreFull,
-    StoreUnavailable,
-    check_key,
-)
+from server.stores.base import Page, SessionMeta, SessionRecord, StateStore, StoreFull, StoreUnavailable, check_key
 
 log = logging.getLogger("hope.store")
 
