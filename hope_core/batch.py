@@ -263,10 +263,10 @@ class DecodeBatch:
             return
         b = min(_bucket(n), self.capacity)
         held = self._hold(n, min(b, self.n))
-        if b > self.n:
-            # slots past the active rows are padding; one that a waiting row left (a leave moves
-            # the last waiting row down) still holds its full chunk, where a step has no slot
-            self.slots.n_open[self.n:b].zero_()
+        # every row past the decoding ones is computed as padding, and none may stand on a full
+        # chunk, where a step has no slot to write: a waiting row (held, restored below), or a
+        # slot a waiting row moved out of
+        self.slots.n_open[n:b].zero_()
         if not self.graphs:
             self._decode_inplace(b)
         else:
@@ -280,14 +280,11 @@ class DecodeBatch:
 
     def _hold(self, lo: int, hi: int) -> dict[str, Tensor]:
         """Rows lo..hi-1 wait to commit but fall among a padded step's rows: keep what the step
-        will write of them, and point their next token at the start of the open chunk (a full
-        chunk has no slot left to write). `_put_back` restores them as they were."""
+        will write of them, for `_put_back` to restore them as they were."""
         if hi <= lo:
             return {}
-        held = {name: t[lo:hi].clone() for name, t in self.slots.tensors().items()
+        return {name: t[lo:hi].clone() for name, t in self.slots.tensors().items()
                 if name.rsplit(".", 1)[-1] in STEP_WRITES}
-        self.slots.n_open[lo:hi].zero_()
-        return held
 
     def _put_back(self, lo: int, held: dict[str, Tensor]) -> None:
         if not held:

@@ -74,7 +74,6 @@ class TrainConfig:
     # sources are not installed (a GPU machine with no network)
     token_dir: str = ""
 
-
     def __post_init__(self) -> None:
         check_types(self, "[train]")
         positive = ("seq_len", "batch_size", "steps", "log_every", "eval_batches")
@@ -366,36 +365,35 @@ def train(cfg: HopeConfig, tc: TrainConfig, resume: bool = False) -> Path:
 
     graph: torch.cuda.CUDAGraph | None = None
     graph_loss: torch.Tensor | None = None
-    stop = StopRequest()
-    while step < tc.steps and not stop.signum:
-        if tc.max_minutes > 0 and progress.elapsed >= tc.max_minutes * 60:
-            break
-        lr = lr_at(tc, step, progress.elapsed)
-        set_lr(opt, lr)
-        batch_buf.copy_(train_stream.sample_batch(tc.batch_size, tc.seq_len, gen), non_blocking=True)
-        model.train()
-        if graph is not None:
-            graph.replay()
-            loss = graph_loss
-        else:
-            opt.zero_grad(set_to_none=True)
-            loss = train_step()
-        step += 1
-        if graphed and graph is None and step >= 3:
-            graph, graph_loss = capture_step(train_step, opt, rank)
-        tokens_seen += tc.batch_size * tc.seq_len * world
-        window_tokens += tc.batch_size * tc.seq_len * world
-        if step % tc.log_every == 0 or step == tc.steps:
-            last_loss = float(loss)
-            extra = None
-            if tc.eval_every and step % tc.eval_every == 0:
-                model.eval()
-                extra = {"heldout_loss": heldout_loss(model, heldout_stream, tc, device, autocast)}
-                save(extra["heldout_loss"])
-            if rank == 0:
-                progress.log(step, last_loss, lr, window_tokens, extra)
-            window_tokens = 0
-    stop.restore()
+    with StopRequest() as stop:  # its handlers leave with the loop, however it ends
+        while step < tc.steps and not stop.signum:
+            if tc.max_minutes > 0 and progress.elapsed >= tc.max_minutes * 60:
+                break
+            lr = lr_at(tc, step, progress.elapsed)
+            set_lr(opt, lr)
+            batch_buf.copy_(train_stream.sample_batch(tc.batch_size, tc.seq_len, gen), non_blocking=True)
+            model.train()
+            if graph is not None:
+                graph.replay()
+                loss = graph_loss
+            else:
+                opt.zero_grad(set_to_none=True)
+                loss = train_step()
+            step += 1
+            if graphed and graph is None and step >= 3:
+                graph, graph_loss = capture_step(train_step, opt, rank)
+            tokens_seen += tc.batch_size * tc.seq_len * world
+            window_tokens += tc.batch_size * tc.seq_len * world
+            if step % tc.log_every == 0 or step == tc.steps:
+                last_loss = float(loss)
+                extra = None
+                if tc.eval_every and step % tc.eval_every == 0:
+                    model.eval()
+                    extra = {"heldout_loss": heldout_loss(model, heldout_stream, tc, device, autocast)}
+                    save(extra["heldout_loss"])
+                if rank == 0:
+                    progress.log(step, last_loss, lr, window_tokens, extra)
+                window_tokens = 0
     if stop.signum:  # between two steps: save where the run is, and say how to go on
         save()
         if distributed:
@@ -426,9 +424,9 @@ def check_run_dir(out: Path, cfg: HopeConfig, resume: bool) -> None:
         return
     if not (out / "progress.json").is_file() or not saved.is_file():
         raise ValueError(f"there is no run to resume in {out}")
-    model = json.loads(saved.read_text()).get("model")
-    if model != cfg.to_dict():
-        changed = sorted(k for k in cfg.to_dict() if (model or {}).get(k) != cfg.to_dict()[k])
+    model, want = json.loads(saved.read_text()).get("model") or {}, cfg.to_dict()
+    if model != want:
+        changed = sorted(k for k in want if model.get(k) != want[k])
         raise ValueError(f"{out} holds a run of another model (differs in {changed}); resume it with its config")
 
 
@@ -443,16 +441,19 @@ class StopRequest:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._old[sig] = signal.signal(sig, self._request)
 
+    def __enter__(self) -> StopRequest:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+
     def _request(self, signum: int, frame) -> None:
         if self.signum == signal.SIGINT == signum:
             raise KeyboardInterrupt
         self.signum = signum
         print(f"\n{signal.Signals(signum).name}: stopping after this step to save the run "
               "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
-
-    def restore(self) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)  # type: ignore[arg-type]
 
 
 class Interrupted(Exception):

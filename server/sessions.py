@@ -50,15 +50,7 @@ from hope_core.state import SessionState, StateError
 from server.errors import NO_RETRY, APIError, not_found, overloaded, session_busy, store_unavailable, too_large
 from server.metrics import Metrics
 from server.settings import Settings
-from server.stores.base import (
-    DIGEST_BYTES,
-    Page,
-    SessionMeta,
-    SessionRecord,
-    StateStore,
-    StoreFull,
-    StoreUnavailable,
-)
+from server.stores.base import DIGEST_BYTES, Page, SessionMeta, SessionRecord, StateStore, StoreFull, StoreUnavailable
 from server.worker import run_blocking
 
 log = logging.getLogger("hope.server")

@@ -148,7 +148,8 @@ async def _events(run: TurnRun, body: ChatRequest, completion_id: str, created: 
         return _token_logprobs(tok, [e.token_id for e in events], [e.logprob for e in events])
 
     pending: list[TokenEvent] = []  # tokens not yet sent in a chunk (for their surprise)
-    sent = SentTokens(tok)  # (for their log-probabilities: with the chunk that completes their text)
+    # (for their log-probabilities, when asked for: with the chunk that completes their text)
+    sent = SentTokens(tok) if body.logprobs else None
     completed: list[TokenEvent] = []
     async for item in run.events():
         if isinstance(item, PromptAbsorbed):
@@ -157,7 +158,8 @@ async def _events(run: TurnRun, body: ChatRequest, completion_id: str, created: 
             continue
         if item.token_id >= 0:
             pending.append(item)
-        completed += sent.push(item)
+        if sent is not None:
+            completed += sent.push(item)
         if not item.text and not include_surprise:
             continue
         yield chunk(Delta(content=item.text), logprobs=logprobs_of(completed),
@@ -170,7 +172,8 @@ async def _events(run: TurnRun, body: ChatRequest, completion_id: str, created: 
     assert out is not None and out.generation is not None
     # tokens whose text a stop string cut: their log-probabilities close the stream, so that it
     # lists every generated token, as the whole answer does
-    yield chunk(Delta(), finish_reason=out.generation.finish_reason, session=info, logprobs=logprobs_of(sent.rest()))
+    yield chunk(Delta(), finish_reason=out.generation.finish_reason, session=info,
+                logprobs=logprobs_of(sent.rest() if sent else []))
     if include_usage:
         n_prompt, n_gen = len(run.plan.prompt), len(out.generation.token_ids)
         usage = ChatCompletionChunk(id=completion_id, created=created, model=model, system_fingerprint=fingerprint,

@@ -154,7 +154,8 @@ async def _events(run: TurnRun, body: CompletionRequest, prompt_text: str, compl
         return sse(dump(c))
 
     pending: list[TokenEvent] = []  # tokens not yet sent in a chunk (for their surprise)
-    sent = SentTokens(tok)  # (for their log-probabilities: with the chunk that completes their text)
+    # (for their log-probabilities, when asked for: with the chunk that completes their text)
+    sent = SentTokens(tok) if body.logprobs is not None else None
     completed: list[TokenEvent] = []
     # a token's text_offset is where its text starts in the choice's text, as in the whole
     # answer: counted over the tokens' decoded text, not over the text sent so far, which lags
@@ -177,7 +178,8 @@ async def _events(run: TurnRun, body: CompletionRequest, prompt_text: str, compl
             continue
         if item.token_id >= 0:
             pending.append(item)
-        completed += sent.push(item)
+        if sent is not None:
+            completed += sent.push(item)
         if not item.text and not include_surprise:
             continue
         yield chunk(item.text, logprobs=logprobs_of(completed),
@@ -186,7 +188,7 @@ async def _events(run: TurnRun, body: CompletionRequest, prompt_text: str, compl
         pending, completed = [], []
     info = await run.finish()
     # tokens whose text a stop string cut: their log-probabilities close the stream
-    yield chunk("", finish_reason=run.finish_reason, session=info, logprobs=logprobs_of(sent.rest()))
+    yield chunk("", finish_reason=run.finish_reason, session=info, logprobs=logprobs_of(sent.rest() if sent else []))
     if opts and opts.include_usage:
         out = run.output
         assert out is not None
