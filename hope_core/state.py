@@ -83,6 +83,10 @@ class SessionState:
             if t.is_floating_point():
                 t = t.to(STORAGE_DTYPES[dtype])
             tensors[name] = t.cpu().contiguous()
+            # what from_bytes would refuse is never written: a session whose memories overflowed
+            # (an imported state of huge but finite values, say) keeps its last loadable version
+            if t.is_floating_point() and not torch.isfinite(tensors[name]).all():
+                raise StateError(f"{name}: not finite")
         meta = {"format": FORMAT, "fingerprint": self.fingerprint, "version": str(self.version),
                 "dtype": dtype}
         return st_save(tensors, metadata=meta)

@@ -25,7 +25,7 @@ from server.metrics import Metrics
 from server.routers import chat, completions, health, models, playground, sessions
 from server.sessions import SessionManager
 from server.settings import Settings
-from server.stores.base import StoreUnavailable, open_store
+from server.stores.base import StoreUnavailable, open_store, redact_url
 
 log = logging.getLogger("hope.server")
 
@@ -71,7 +71,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         try:
             await ctx.store.ping()
         except StoreUnavailable as e:  # serve anyway: /readyz says so, requests get 503 until it is back
-            log.warning("session store unreachable at start-up", extra={"store": settings.store, "error": str(e)})
+            log.warning("session store unreachable at start-up",
+                        extra={"store": redact_url(settings.store), "error": str(e)})
         ctx.sessions = SessionManager(eng, ctx.store, settings, ctx.metrics)
         on_step = functools.partial(_count_step, ctx.metrics)
         if separate:
@@ -90,7 +91,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
                         f"{settings.host}:{settings.port} can read and change every session")
         state_bytes = eng.new_session().nbytes(settings.state_dtype)
         log.info("ready", extra={"model": ctx.model_id, "device": device, "engine_process": separate,
-                                 "store": _redact(settings.store), "state_bytes": state_bytes,
+                                 "store": redact_url(settings.store), "state_bytes": state_bytes,
                                  "auth": settings.auth_enabled})
         try:
             yield
@@ -128,17 +129,6 @@ def _count_step(metrics: Metrics, stats: StepStats) -> None:
     metrics.step_seconds.observe(stats.seconds)
     if stats.batch_size:
         metrics.batch_size.observe(stats.batch_size)
-
-
-def _redact(url: str) -> str:
-    """A store URL without its password."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
 
 
 class ShutdownAnswer:

@@ -159,8 +159,14 @@ def install_error_handlers(app: FastAPI, count_failure, retry_after: int,
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        err = APIError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None,
-                       headers=dict(exc.headers or {}))
+        if exc.status_code == 400 and authenticate is not None:  # a body FastAPI could not parse
+            try:
+                authenticate(request)
+            except APIError as denied:
+                count_failure(request, denied.reason)
+                return denied.response()
+        code = {400: "invalid_value", 404: "not_found"}.get(exc.status_code)
+        err = APIError(exc.status_code, str(exc.detail), code=code, headers=dict(exc.headers or {}))
         count_failure(request, err.reason)
         return err.response()
 

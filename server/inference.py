@@ -47,17 +47,23 @@ def check_model(ctx: Context, model: str) -> str:
     return ctx.model_id
 
 
+HASHED_USER = "user-"  # the prefix of sessions named by a hashed OpenAI `user`
+
+
 def resolve_session_id(body_id: str | None, header_id: str | None, user: str | None) -> str | None:
     """The session is `session_id` (or the X-Session-Id header), else `user`, else ephemeral.
 
     OpenAI's `user` is any string an application picked for its end user ("John Smith",
     an e-mail with a space): one that is not a valid session id names the session
-    `user-<first 32 hex digits of its SHA-256>`, so that the same user keeps one memory."""
+    `user-<first 32 hex digits of its SHA-256>`, so that the same user keeps one memory. So
+    does one that starts with `user-` itself: an end user who picks "user-<that hash>" as a
+    name must not reach John Smith's memory."""
     body_id, header_id, user = body_id or None, header_id or None, user or None
     if body_id and header_id and body_id != header_id:
         raise bad_request("session_id and the X-Session-Id header name different sessions", param="session_id")
-    if not body_id and not header_id and user is not None and not valid_session_id(user):
-        return "user-" + hashlib.sha256(user.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    if not body_id and not header_id and user is not None and (
+            not valid_session_id(user) or user.startswith(HASHED_USER)):
+        return HASHED_USER + hashlib.sha256(user.encode("utf-8", "surrogatepass")).hexdigest()[:32]
     sid, param = (body_id, "session_id") if body_id else (header_id, "X-Session-Id") if header_id else (user, "user")
     if sid is not None and not valid_session_id(sid):
         raise bad_request(f"{param} must be 1-128 characters of letters, digits and . _ - @ + "

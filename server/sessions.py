@@ -87,23 +87,39 @@ def resent_prefix(request: Sequence[bytes], history: Sequence[bytes], truncated:
 
     `truncated`: the history keeps only its last len(history) messages, so a request's first
     messages may predate it: an alignment that starts before the kept history compares only the
-    messages that fall inside it.
+    messages that fall inside it, and only those count towards RESENT_ANYWHERE (a new "continue"
+    equal to the oldest kept message is not a re-send of everything before it).
     """
     n = len(history)
     if not n or not request:
         return 0
-    first = 1 - len(request) if truncated else 0  # where request[0] sits in the history
     best = 0
-    for start in range(first, n):
-        offset = max(0, -start)  # request messages before the kept history
-        if request[offset] != history[start + offset]:
-            continue
-        k = offset
-        while k < len(request) and start + k < n and request[k] == history[start + k]:
-            k += 1
+    # request[0] at history[start]: the match runs request[:k] against history[start:start + k]
+    for start, k in enumerate(common_prefixes(request, history)):
         if k > best and (start + k == n or k >= RESENT_ANYWHERE):
             best = k
+    if truncated:  # request[0] before the kept history, at -offset: compare request[offset:]
+        for offset, k in enumerate(common_prefixes(history, request)[1:], start=1):
+            if k and offset + k > best and (k == n or k >= RESENT_ANYWHERE):
+                best = offset + k
     return best
+
+
+def common_prefixes(pattern: Sequence[bytes], text: Sequence[bytes]) -> list[int]:
+    """For every position i of `text`, the length of the longest common prefix of `pattern` and
+    text[i:]. Linear in len(pattern) + len(text) (the Z-algorithm), so that a request of 100k
+    messages against a long log costs milliseconds, not the event loop's minutes."""
+    seq = [*pattern, None, *text]  # None equals no digest: no match runs across it
+    z = [0] * len(seq)
+    left = right = 0  # the rightmost window seq[left:right] known to equal seq[:right - left]
+    for i in range(1, len(seq)):
+        k = min(right - i, z[i - left]) if i < right else 0
+        while i + k < len(seq) and seq[k] == seq[i + k]:
+            k += 1
+        z[i] = k
+        if i + k > right:
+            left, right = i, i + k
+    return z[len(pattern) + 1:]
 
 
 # ---- in-process state cache --------------------------------------------------------------------
@@ -333,7 +349,12 @@ class Turn:
         t0 = time.perf_counter()
         work = self.work
         work.version = self.version + 1
-        blob = await run_blocking(m.io_executor, work.to_bytes, m.settings.state_dtype)
+        try:
+            blob = await run_blocking(m.io_executor, work.to_bytes, m.settings.state_dtype)
+        except StateError as e:
+            raise APIError(500, f"this request left the session's memory not finite ({e}); nothing was stored "
+                           "and the session is as it was before it", code="state_not_finite",
+                           headers=NO_RETRY) from None
         if len(blob) > m.settings.max_state_bytes:
             raise too_large(f"the session state ({len(blob)} bytes) exceeds the limit "
                             f"({m.settings.max_state_bytes} bytes)", code="state_too_large")

@@ -24,7 +24,8 @@ def default_store_url() -> str:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="HOPE_", extra="ignore")
+    # errors never echo the values: HOPE_API_KEYS and HOPE_STORE hold secrets
+    model_config = SettingsConfigDict(env_prefix="HOPE_", extra="ignore", hide_input_in_errors=True)
 
     host: str = "127.0.0.1"
     port: int = 8000
@@ -100,14 +101,23 @@ class Settings(BaseSettings):
 
 
 def parse_api_keys(spec: str) -> dict[str, str]:
-    """`acme:k1,globex:k2` -> {"k1": "acme", "k2": "globex"}; a tenant may have several keys."""
+    """`acme:k1,globex:k2` -> {"k1": "acme", "k2": "globex"}; a tenant may have several keys.
+
+    A spec that names no key at all (`","`, a template whose variables were empty) is refused
+    rather than read as "no keys", which would serve every session to anyone. Keys are printable
+    ASCII without spaces, as an `Authorization` header carries them."""
     keys: dict[str, str] = {}
     for item in filter(None, (part.strip() for part in spec.split(","))):
         tenant, sep, key = item.partition(":")
         if not sep or not key or not valid_tenant(tenant):
             raise ValueError("HOPE_API_KEYS must be 'tenant:key' pairs separated by commas, "
                              "tenants made of letters, digits, '.', '_' or '-'")
+        if not all("!" <= c <= "~" for c in key):
+            raise ValueError(f"the API key of tenant {tenant!r} has spaces or characters that are not "
+                             "printable ASCII; an Authorization header could not carry it")
         if key in keys and keys[key] != tenant:
             raise ValueError("one API key is given to two tenants")
         keys[key] = tenant
+    if spec.strip() and not keys:
+        raise ValueError("HOPE_API_KEYS names no 'tenant:key' pair; leave it unset to serve without keys")
     return keys

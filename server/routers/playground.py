@@ -18,7 +18,8 @@ from server.errors import not_found
 router = APIRouter(tags=["playground"], include_in_schema=False)
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
-_ASSET = re.compile(r"^[a-z0-9][a-z0-9_-]*\.(js|css|svg)$")  # a flat folder: no paths, no dot files
+# a flat folder: no paths, no dot files, and names short enough that no OS refuses them
+_ASSET = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}\.(js|css|svg)")
 _TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
           ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml"}
 # the page loads nothing from elsewhere and talks only to this server
@@ -42,6 +43,6 @@ async def playground() -> FileResponse:
 
 @router.get("/playground/{name}")
 async def playground_asset(name: str) -> FileResponse:
-    if not _ASSET.match(name):
+    if not _ASSET.fullmatch(name):
         raise not_found(f"no playground file {name!r}")
     return _file(name)

@@ -23,7 +23,7 @@ import re
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 # A session id is also a key component and a URL path segment: letters, digits and . _ - @ +,
 # not starting with a dot (no "..", no "/", no braces, colons or whitespace). Check it with
@@ -178,4 +178,19 @@ def open_store(url: str, ttl_s: float = 0.0) -> StateStore:
         from server.stores.redis import RedisStore
 
         return RedisStore(url, ttl_s)
-    raise ValueError(f"unknown store URL {url!r}: use memory://, sqlite:///path or redis://host:port/db")
+    raise ValueError(f"unknown store URL {redact_url(url)!r}: use memory://, sqlite:///path or redis://host:port/db")
+
+
+def redact_url(url: str) -> str:
+    """A store URL without its secrets: the password in its userinfo or in its query."""
+    parts = urlsplit(url)
+    if parts.password:
+        url = url.replace(f":{parts.password}@", ":***@", 1)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if any(k.lower() in _SECRET_QUERY for k, _ in query):
+        hidden = urlencode([(k, "***" if k.lower() in _SECRET_QUERY else v) for k, v in query], safe="*")
+        url = url.replace(f"?{parts.query}", f"?{hidden}", 1)
+    return url
+
+
+_SECRET_QUERY = {"password", "pass", "passwd", "secret", "token"}

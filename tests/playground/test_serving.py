@@ -50,7 +50,8 @@ def test_page_and_assets_come_from_the_server(server: ServerProcess) -> None:
 
 
 @pytest.mark.parametrize("path", ["/playground/index.html", "/playground/nope.js", "/playground/..%2Fapp.py",
-                                  "/playground/.hidden.js", "/playground/app.py"])
+                                  "/playground/.hidden.js", "/playground/app.py",
+                                  f"/playground/{'a' * 300}.js"])  # beyond what a file name may be
 def test_only_the_playground_files_are_served(server: ServerProcess, path: str) -> None:
     r = httpx.get(f"{server.base_url}{path}")
     assert r.status_code == 404

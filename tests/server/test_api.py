@@ -136,6 +136,9 @@ async def test_session_named_by_header_or_user(engine: Engine) -> None:
         sid = first["session"]["id"]
         assert sid.startswith("user-") and len(sid) == 5 + 32 and again["session"]["id"] == sid
         assert again["session"]["version"] == 2 and other["session"]["id"] not in (sid, "John Smith\n")
+        # a user named like that hash gets a session of its own, not John Smith's
+        mimic = await api.chat("hi", user=sid)
+        assert mimic["session"]["id"] not in (sid, None) and mimic["session"]["version"] == 1
 
 
 async def test_null_parameters_are_their_defaults(engine: Engine) -> None:
@@ -405,3 +408,24 @@ async def test_warns_when_open_beyond_loopback(engine: Engine, caplog: pytest.Lo
         async with running_app(engine, host="0.0.0.0", api_keys="acme:k"), running_app(engine, host="127.0.0.1"):
             pass
         assert not any("HOPE_API_KEYS" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_turn_that_overflows_the_memory_stores_nothing(engine: Engine) -> None:
+    """An imported state of huge but finite values passes the import's checks; the turn on it
+    overflows. The server must not store what its own loader would refuse (the session could
+    then never be used again): the turn fails and the session stays as imported."""
+    from safetensors.torch import save
+
+    blob = engine.new_session().to_bytes()
+    meta = json.loads(blob[8:8 + int.from_bytes(blob[:8], "little")])["__metadata__"]
+    huge = {k: (torch.full_like(v, 3e38) * (1 - 2 * (torch.arange(v.numel()) % 2)).view(v.shape)
+                if v.is_floating_point() else v) for k, v in load(blob).items()}
+    async with running_app(engine) as api:
+        r = await api.client.put("/v1/sessions/huge/state", content=save(huge, metadata=meta))
+        assert r.status_code == 200, r.text
+        imported = (await api.client.get("/v1/sessions/huge/state")).content
+        for _ in range(2):  # the second from the cache, if the first had left anything there
+            failed = await api.chat("hello there, how are you today?", session="huge", expect=500)
+            assert failed["error"]["code"] == "state_not_finite"
+        assert (await api.session("huge"))["version"] == 1
+        assert (await api.client.get("/v1/sessions/huge/state")).content == imported

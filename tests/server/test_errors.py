@@ -94,6 +94,9 @@ async def test_401_without_or_with_a_wrong_key(engine: Engine) -> None:
         for headers in ({}, {"Authorization": "Bearer wrong"}):
             r = await api.client.post("/v1/chat/completions", content=b"{not json", headers=headers)
             assert_error(r, 401)
+            for body in (b'{"model": "\xff"}', b"[" * 100_000 + b"]" * 100_000):  # not UTF-8; too deep
+                r = await api.client.post("/v1/chat/completions", content=body, headers=headers)
+                assert_error(r, 401)
             assert_error(await api.client.post("/v1/chat/completions", json={"messages": []}, headers=headers), 401)
         ok = await api.client.get("/v1/models", headers={"Authorization": "Bearer secret"})
         assert ok.status_code == 200
