@@ -100,6 +100,8 @@ def _on_sigterm(signum, frame) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.checkpoint:  # the HTTP part's processes run from the repository's root, not from here
+        args.checkpoint = str(Path(args.checkpoint).resolve())
     import torch
 
     from bench import report

@@ -70,8 +70,12 @@ class HopeConfig:
     tie_embeddings: bool = True
 
     def __post_init__(self) -> None:
-        if self.d_model % self.n_heads:
-            raise ValueError("d_model must be divisible by n_heads")
+        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
+            raise ValueError("d_model / n_heads must be a whole, even number (rotary embeddings turn pairs)")
+        if self.chunk < 2:  # the CMS loss of a chunk predicts its tokens from each other: none in 1
+            raise ValueError("chunk must be at least 2")
+        if self.window < self.chunk or self.mid_period < self.chunk:
+            raise ValueError("window and mid_period must be at least one chunk")
         if self.window % self.chunk or self.mid_period % self.chunk:
             raise ValueError("window and mid_period must be multiples of chunk")
 

@@ -85,6 +85,10 @@ class TrainConfig:
                 raise ValueError(f"[train] {name} must not be negative, not {getattr(self, name)}")
         if not self.sources or any(not isinstance(w, (int, float)) or w < 0 for w in self.sources.values()):
             raise ValueError("[train] sources must map source names to non-negative weights")
+        known = (*data.ALL_SOURCES, "synthetic", "reread")
+        unknown = [name for name in self.sources if name not in known]
+        if unknown and not self.token_dir:  # packed streams may be of any name
+            raise ValueError(f"[train] unknown sources {unknown}; known: {list(known)}")
 
 
 def check_types(config: object, where: str) -> None:
@@ -229,6 +233,7 @@ class Progress:
         self.t0 = time.time() - start_elapsed
         self.window_t, self.window_tokens = time.time(), 0
         self.start_step = start_step
+        self.logged_step = start_step
 
     @property
     def elapsed(self) -> float:
@@ -244,13 +249,27 @@ class Progress:
             eta = min(eta, self.tc.max_minutes * 60 - self.elapsed)
         rec = {"step": step, "loss": round(loss, 4), "lr": lr, "tokens_per_s": round(tps, 1),
                "elapsed_s": round(self.elapsed, 1), "eta_s": round(max(eta, 0), 1)} | (extra or {})
-        with open(self.out / "log.jsonl", "a") as fh:
-            fh.write(json.dumps(rec) + "\n")
+        self._append(rec)
+        self.logged_step = step
         msg = (f"step {step:>5}/{self.tc.steps} | loss {loss:.3f} | lr {lr:.2e} | {tps:,.0f} tok/s"
                f" | {_hms(self.elapsed)} elapsed | ETA {_hms(max(eta, 0))}")
         if extra:
             msg += " | " + " ".join(f"{k} {v:.3f}" for k, v in extra.items())
         print(msg, file=sys.stderr, flush=True)
+
+
+    def log_end(self, step: int, loss: float, lr: float, tokens: int, heldout: float | None) -> None:
+        """The run's last step in the curve, with the final held-out loss: a run stopped by its
+        time budget ends between two logged steps, and the final evaluation follows the last."""
+        extra = None if heldout is None else {"heldout_loss": heldout}
+        if step != self.logged_step:
+            self.log(step, loss, lr, tokens, extra)
+        elif extra:  # that step's line is written: this adds to it (summarize merges them)
+            self._append({"step": step} | extra)
+
+    def _append(self, rec: dict) -> None:
+        with open(self.out / "log.jsonl", "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
 
 
 def _hms(s: float) -> str:
@@ -405,6 +424,10 @@ def train(cfg: HopeConfig, tc: TrainConfig, resume: bool = False) -> Path:
         final = heldout_loss(model, heldout_stream, tc, device, autocast)
         if rank == 0:
             print(f"final held-out loss {final:.4f}", file=sys.stderr, flush=True)
+    if step > progress.start_step:
+        last_loss = float(loss)
+        if rank == 0:
+            progress.log_end(step, last_loss, lr, window_tokens, final)
     save(final)
     if distributed:
         dist.destroy_process_group()
@@ -492,8 +515,13 @@ def capture_step(train_step, opt: torch.optim.Optimizer, rank: int
 
 
 def summarize(run_dir: str | Path, every: int = 50) -> str:
-    """The loss curve of a run (its log.jsonl) as a markdown table, for docs/."""
-    rows = [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
+    """The loss curve of a run (its log.jsonl) as a markdown table, for docs/: every `every`
+    steps, and the run's last step, with its final held-out loss."""
+    by_step: dict[int, dict] = {}
+    for line in (Path(run_dir) / "log.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        by_step[rec["step"]] = by_step.get(rec["step"], {}) | rec  # the end's held-out joins its line
+    rows = [r for r in by_step.values() if "loss" in r]
     progress = json.loads((Path(run_dir) / "progress.json").read_text())
     lines = ["| step | tokens seen | train loss (last 5 steps) | held-out loss | tokens/s | elapsed |",
              "|---|---|---|---|---|---|"]
@@ -503,7 +531,8 @@ def summarize(run_dir: str | Path, every: int = 50) -> str:
             continue
         recent = [x["loss"] for x in rows[max(0, i - 4):i + 1]]
         held = f"{r['heldout_loss']:.3f}" if "heldout_loss" in r else ""
-        lines.append(f"| {r['step']} | {r['step'] * tokens_per_step:,.0f} | {sum(recent) / len(recent):.3f} | "
+        end = " (end)" if r["step"] == progress["step"] else ""
+        lines.append(f"| {r['step']}{end} | {r['step'] * tokens_per_step:,.0f} | {sum(recent) / len(recent):.3f} | "
                      f"{held} | {r['tokens_per_s']:,.0f} | {_hms(r['elapsed_s'])} |")
     return "\n".join(lines) + "\n"
 
@@ -517,11 +546,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--summary", metavar="RUN_DIR", help="print a run's loss curve as markdown and exit")
+    p.add_argument("--summary-every", type=int, default=50, metavar="N", help="--summary's rows: every N steps")
     p.add_argument("--export-tokens", metavar="DIR", help="write the config's packed token streams to DIR and exit")
     p.add_argument("--token-dir", help="read packed token streams from DIR (overrides train.token_dir)")
     a = p.parse_args(argv)
     if a.summary:
-        print(summarize(a.summary), end="")
+        if a.summary_every < 1:
+            raise ValueError(f"--summary-every must be at least 1, not {a.summary_every}")
+        print(summarize(a.summary, a.summary_every), end="")
         return
     cfg, tc = load_config(a.config)
     if a.token_dir:

@@ -72,9 +72,12 @@ def resolve_session_id(body_id: str | None, header_id: str | None, user: str | N
 
 
 def sampling_params(ctx: Context, req: SamplingFields, max_tokens: int | None, param: str,
-                    stop_token_ids: Sequence[int]) -> SamplingParams:
+                    stop_token_ids: Sequence[int], default: int | None = None) -> SamplingParams:
+    """`default`: the max_tokens of a request that gives none (HOPE_DEFAULT_MAX_TOKENS unless
+    set), capped by the limit: a request is never refused for a number it did not send."""
     s = ctx.settings
-    n = min(s.default_max_tokens, s.max_tokens_limit) if max_tokens is None else max_tokens
+    default = s.default_max_tokens if default is None else default
+    n = min(default, s.max_tokens_limit) if max_tokens is None else max_tokens
     if n > s.max_tokens_limit:
         raise bad_request(f"{param} is {n}, the most this server generates is {s.max_tokens_limit}",
                           param=param, code="max_tokens_too_large")

@@ -155,7 +155,7 @@ class ChatRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str]
-    max_tokens: int | None = Field(16, ge=0)  # OpenAI's default; 0 with echo scores the prompt
+    max_tokens: int | None = Field(None, ge=0)  # None: OpenAI's 16 (capped by the limit); 0 scores the prompt
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5)  # the sampled token's only: top_logprobs is null
     # not implemented: refused unless neutral (see the module's docstring)

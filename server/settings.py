@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     # limits: each over-limit request is refused before it changes anything
     max_concurrent_requests: int = Field(64, ge=1)  # requests in the engine at once (429 beyond the queue)
     max_waiting_requests: int = Field(32, ge=0)  # queued for a slot or a session (429 beyond)
-    max_prompt_tokens: int = Field(8192, ge=1)  # new tokens absorbed by one request (413 beyond)
+    max_prompt_tokens: int = Field(8192, ge=1)  # new tokens one request absorbs (400 beyond)
     max_tokens_limit: int = Field(4096, ge=1)  # largest max_tokens a request may ask for (400 beyond)
     default_max_tokens: int = Field(256, ge=1)  # when a request gives none (capped by the limit)
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)  # JSON bodies (413 beyond)
@@ -64,7 +64,7 @@ class Settings(BaseSettings):
     # only the requests in flight and is restarted; on 2 CPU cores it is slower than a thread
     engine_process: bool = False
     max_batch_size: int = Field(64, ge=1)  # sessions decoded together in one batched step
-    # prompt tokens absorbed per scheduler step and session, so a long prompt is prefilled in
+    # prompt tokens absorbed per scheduler step, all sessions together, so a long prompt is prefilled in
     # chunks between decoding steps instead of stalling the sessions that are decoding
     prefill_chunk_tokens: int = Field(256, ge=16)
 

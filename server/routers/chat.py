@@ -170,10 +170,11 @@ async def _events(run: TurnRun, body: ChatRequest, completion_id: str, created: 
     info.resent_messages = resent
     out = run.output
     assert out is not None and out.generation is not None
-    # tokens whose text a stop string cut: their log-probabilities close the stream, so that it
-    # lists every generated token, as the whole answer does
+    # tokens that no chunk with text carried (a stop token, the leading bytes of a character a
+    # stop string cut) and those whose text a stop string cut: their log-probabilities close the
+    # stream, so that it lists every generated token, as the whole answer does
     yield chunk(Delta(), finish_reason=out.generation.finish_reason, session=info,
-                logprobs=logprobs_of(sent.rest() if sent else []))
+                logprobs=logprobs_of(completed + (sent.rest() if sent else [])))
     if include_usage:
         n_prompt, n_gen = len(run.plan.prompt), len(out.generation.token_ids)
         usage = ChatCompletionChunk(id=completion_id, created=created, model=model, system_fingerprint=fingerprint,

@@ -86,7 +86,7 @@ async def completions(body: CompletionRequest, request: Request, ctx: Ctx,
     model = check_model(ctx, body.model)
     session_id = resolve_session_id(body.session_id, x_session_id, body.user)
     tok = sessions.engine.tokenizer
-    params = sampling_params(ctx, body, body.max_tokens, "max_tokens", [tok.eot_id])
+    params = sampling_params(ctx, body, body.max_tokens, "max_tokens", [tok.eot_id], default=16)  # OpenAI's
     prompt_text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
     prompt = tok.encode(prompt_text)
     if not prompt and params.max_tokens == 0:
@@ -187,8 +187,10 @@ async def _events(run: TurnRun, body: CompletionRequest, prompt_text: str, compl
                     if include_surprise else None)
         pending, completed = [], []
     info = await run.finish()
-    # tokens whose text a stop string cut: their log-probabilities close the stream
-    yield chunk("", finish_reason=run.finish_reason, session=info, logprobs=logprobs_of(sent.rest() if sent else []))
+    # tokens that no chunk with text carried, and those whose text a stop string cut: their
+    # log-probabilities close the stream (as in chat)
+    yield chunk("", finish_reason=run.finish_reason, session=info,
+                logprobs=logprobs_of(completed + (sent.rest() if sent else [])))
     if opts and opts.include_usage:
         out = run.output
         assert out is not None

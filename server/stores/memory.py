@@ -94,13 +94,21 @@ class MemoryStore(StateStore):
         self._fence += 1
         token = f"{self._fence}-{secrets.token_hex(4)}"
         self._locks[(tenant, session_id)] = _Lock(token, time.time() + ttl_s)
+        self._outlive_lock(tenant, session_id, time.time() + ttl_s)
         return token
 
     async def refresh_lock(self, tenant: str, session_id: str, token: str, ttl_s: float) -> bool:
         if not self._holds(tenant, session_id, token):
             return False
         self._locks[(tenant, session_id)].expires = time.time() + ttl_s
+        self._outlive_lock(tenant, session_id, time.time() + ttl_s)
         return True
+
+    def _outlive_lock(self, tenant: str, session_id: str, until: float) -> None:
+        """A session does not expire while it is locked (its request commits after its TTL)."""
+        record = self._get(tenant, session_id)  # None once expired
+        if record is not None and 0 < self._sessions[(tenant, session_id)][1] < until:
+            self._sessions[(tenant, session_id)] = (record, until)
 
     async def release_lock(self, tenant: str, session_id: str, token: str) -> None:
         lock = self._locks.get((tenant, session_id))

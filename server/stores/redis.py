@@ -58,18 +58,31 @@ if ttl > 0 then for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ttl) end end
 return 1
 """
 
+# A session does not expire while it is locked: its keys (KEYS[3..5]: meta, state, hist) live
+# at least as long as the lock's lease, so a request that outlasts the session's last TTL
+# still commits; the commit then sets the full TTL.
+_OUTLIVE_LOCK = """
+for i = 3, 5 do
+  local left = redis.call('PTTL', KEYS[i])
+  if left >= 0 and left < tonumber(ARGV[1]) then redis.call('PEXPIRE', KEYS[i], ARGV[1]) end
+end
+"""
+
 _ACQUIRE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return false end
 local fence = redis.call('INCR', KEYS[2])
 if tonumber(ARGV[3]) > 0 then redis.call('PEXPIRE', KEYS[2], ARGV[3]) end
 local token = fence .. '-' .. ARGV[2]
 redis.call('SET', KEYS[1], token, 'PX', ARGV[1])
+""" + _OUTLIVE_LOCK + """
 return token
 """
 
 _REFRESH = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
+if redis.call('GET', KEYS[1]) ~= ARGV[2] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+""" + _OUTLIVE_LOCK + """
+return 1
 """
 
 _RELEASE = """
@@ -239,14 +252,14 @@ class RedisStore(StateStore):
     # ---- locks ------------------------------------------------------------------------------
 
     async def acquire_lock(self, tenant: str, session_id: str, ttl_s: float) -> str | None:
-        keys = self._keys(tenant, session_id, "lock", "fence")
+        keys = self._keys(tenant, session_id, "lock", "fence", "meta", "state", "hist")
         fence_ttl = _ms(self.ttl_s + ttl_s) if self.ttl_s else 0
         token = await self._call(self._acquire(keys=keys, args=[_ms(ttl_s), secrets.token_hex(4), fence_ttl]))
         return token.decode() if token else None
 
     async def refresh_lock(self, tenant: str, session_id: str, token: str, ttl_s: float) -> bool:
-        keys = self._keys(tenant, session_id, "lock")
-        return await self._call(self._refresh(keys=keys, args=[token, _ms(ttl_s)])) == 1
+        keys = self._keys(tenant, session_id, "lock", "fence", "meta", "state", "hist")
+        return await self._call(self._refresh(keys=keys, args=[_ms(ttl_s), token])) == 1
 
     async def release_lock(self, tenant: str, session_id: str, token: str) -> None:
         await self._call(self._release(keys=self._keys(tenant, session_id, "lock"), args=[token]))

@@ -260,6 +260,7 @@ class SQLiteStore(StateStore):
             nonce = secrets.token_hex(4)
             db.execute("INSERT OR REPLACE INTO locks (tenant, session_id, fence, nonce, expires) "
                        "VALUES (?,?,?,?,?)", (tenant, session_id, fence, nonce, now + ttl_s))
+            self._outlive_lock(db, tenant, session_id, now, now + ttl_s)
             return f"{fence}-{nonce}"
 
         return await self._run(lambda db: self._transaction(db, lambda: body(db)))
@@ -269,11 +270,21 @@ class SQLiteStore(StateStore):
 
         def q(db: sqlite3.Connection) -> bool:
             now = time.time()
-            return db.execute("UPDATE locks SET expires=? WHERE tenant=? AND session_id=? AND fence=? "
+            held = db.execute("UPDATE locks SET expires=? WHERE tenant=? AND session_id=? AND fence=? "
                               "AND nonce=? AND expires>?",
                               (now + ttl_s, tenant, session_id, fence, nonce, now)).rowcount == 1
+            if held:
+                self._outlive_lock(db, tenant, session_id, now, now + ttl_s)
+            return held
 
-        return await self._run(q)
+        return await self._run(lambda db: self._transaction(db, lambda: q(db)))
+
+    @staticmethod
+    def _outlive_lock(db: sqlite3.Connection, tenant: str, session_id: str, now: float, until: float) -> None:
+        """A session does not expire while it is locked, so that a request that outlasts the
+        session's last TTL still commits (the commit then sets the full TTL)."""
+        db.execute("UPDATE sessions SET expires=? WHERE tenant=? AND session_id=? AND expires>? AND expires<?",
+                   (until, tenant, session_id, now, until))
 
     async def release_lock(self, tenant: str, session_id: str, token: str) -> None:
         fence, _, nonce = token.partition("-")

@@ -43,8 +43,10 @@ def test_train_learns_saves_and_resumes(tmp_path: Path, tiny_streams: None) -> N
                            warmup_steps=2, eval_every=6, eval_batches=1, log_every=3, device="cpu")
     torch.manual_seed(0)
     ckpt_dir = train.train(TINY, tc)
-    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    log = [r for r in lines if "loss" in r]
     assert [r["step"] for r in log] == [3, 6, 9, 12]
+    assert lines[-1].keys() == {"step", "heldout_loss"}  # the final evaluation, added to step 12's line
     assert log[-1]["loss"] < log[0]["loss"]  # a repetitive stream is learnable in 12 steps
     assert all(r["tokens_per_s"] > 0 and "eta_s" in r for r in log)
 
@@ -62,6 +64,21 @@ def test_train_learns_saves_and_resumes(tmp_path: Path, tiny_streams: None) -> N
     assert progress["step"] == 15
     after = load_checkpoint(ckpt_dir).model.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_run_stopped_by_its_time_budget_ends_its_curve(tmp_path: Path, tiny_streams: None) -> None:
+    """The budget stops a run between two logged steps: its last step and final held-out loss
+    still end the log, so that --summary prints the run's end."""
+    tc = train.TrainConfig(out_dir=str(tmp_path / "run"), seq_len=64, batch_size=4, steps=10_000,
+                           max_minutes=0.002, eval_every=5000, eval_batches=1, log_every=5000, device="cpu")
+    train.train(TINY, tc)
+    steps = json.loads((tmp_path / "run" / "progress.json").read_text())["step"]
+    assert 0 < steps < 5000
+    table = train.summarize(tmp_path / "run", every=5000).splitlines()
+    assert len(table) == 3 and table[-1].startswith(f"| {steps} (end) |")
+    best = json.loads((tmp_path / "run" / "best" / "config.json").read_text())["training"]
+    assert float(table[-1].split("|")[4]) == pytest.approx(best["heldout_loss"], abs=1e-3)
+    assert best["last_loss"] is not None
 
 
 def test_lr_schedule_warms_up_then_decays_by_steps_or_time() -> None:
@@ -197,7 +214,11 @@ def test_config_values_of_the_wrong_type_or_range_are_refused(tmp_path: Path) ->
                         ('[train]\nsteps = "ten"\n', "steps"),
                         ("[train]\nbatch_size = 0\n", "batch_size"),
                         ("[train]\nseq_len = 60\n", "multiple"),
-                        ("[trian]\nsteps = 3\n", "unknown tables")):
+                        ("[trian]\nsteps = 3\n", "unknown tables"),
+                        ("[model]\nd_model = 30\nn_heads = 2\n", "even"),  # rotary pairs
+                        ("[model]\nchunk = 1\nwindow = 16\nmid_period = 16\n", "at least 2"),
+                        ("[model]\nmid_period = 0\n", "at least one chunk"),
+                        ("[train.sources]\nshakespear = 1.0\n", "unknown sources")):
         p.write_text(text)
         with pytest.raises(ValueError, match=match):
             train.load_config(p)

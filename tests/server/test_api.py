@@ -166,6 +166,10 @@ async def test_default_max_tokens_is_capped_by_the_limit(engine: Engine) -> None
     async with running_app(engine, max_tokens_limit=6) as api:  # the default (256) is above it
         out = await api.chat("hi", max_tokens=None, ignore_eos=True)
         assert out["usage"]["completion_tokens"] == 6
+        for body in ({}, {"max_tokens": None}):  # completions' default (OpenAI's 16) too
+            r = await api.client.post("/v1/completions", json={"model": api.model, "prompt": "Once",
+                                                               "ignore_eos": True, **body})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 6, r.text
 
 
 async def test_a_huge_top_k_is_no_limit(engine: Engine) -> None:
@@ -221,6 +225,20 @@ def _stream_chunks(r: httpx.Response) -> list[dict]:
     events = [line[len("data: "):] for line in r.text.split("\n\n") if line]
     assert r.status_code == 200 and events[-1] == "[DONE]", r.text
     return [json.loads(e) for e in events[:-1]]
+
+
+async def test_a_stream_that_ends_on_a_stop_token_lists_its_logprob(engine: Engine) -> None:
+    """The stop token has no text, so no chunk with text carries it: the final chunk must."""
+    async with running_app(engine) as api:
+        body = {"model": api.model, "messages": [{"role": "user", "content": "Once"}], "max_tokens": 48,
+                "temperature": 1.0, "seed": 74, "learn": False, "logprobs": True}  # a seed that ends on one
+        plain = (await api.client.post("/v1/chat/completions", json=body)).json()
+        assert plain["choices"][0]["finish_reason"] == "stop", "this seed no longer ends on a stop token"
+        chunks = _stream_chunks(await api.client.post("/v1/chat/completions", json=body | {"stream": True}))
+        streamed = [x for c in chunks if c["choices"] and c["choices"][0]["logprobs"]
+                    for x in c["choices"][0]["logprobs"]["content"]]
+        assert streamed == plain["choices"][0]["logprobs"]["content"]
+        assert len(streamed) == plain["usage"]["completion_tokens"]
 
 
 async def test_streamed_logprobs_match_the_whole_answer_around_stop_strings(engine: Engine) -> None:

@@ -159,6 +159,28 @@ async def test_sessions_expire(store_url: str) -> None:
         await store.close()
 
 
+async def test_a_locked_session_does_not_expire(store_url: str) -> None:
+    """A request that outlasts the session's TTL (it began just before the TTL ran out) commits:
+    the lock and its renewals keep the session alive, and the commit then sets the full TTL."""
+    store = open_store(store_url, ttl_s=0.4)
+    try:
+        assert await store.commit(record(sid="busy"), 0, None)
+        assert await store.commit(record(sid="idle"), 0, None)
+        token = await store.acquire_lock("acme", "busy", ttl_s=0.6)
+        assert token is not None
+        await asyncio.sleep(0.5)  # past the session's TTL, inside the lease
+        assert await store.refresh_lock("acme", "busy", token, ttl_s=0.6)
+        await asyncio.sleep(0.3)  # past the first lease, inside the renewed one
+        assert await store.get_meta("acme", "idle") is None  # unlocked: expired as before
+        assert await store.get_meta("acme", "busy") is not None
+        assert await store.commit(record(sid="busy", version=2), 1, token)
+        await store.release_lock("acme", "busy", token)
+        await asyncio.sleep(0.5)
+        assert await store.get_meta("acme", "busy") is None  # the commit's TTL, not the lease's
+    finally:
+        await store.close()
+
+
 async def test_bad_ids_never_reach_a_key(store: StateStore) -> None:
     for bad in ("../x", "a/b", "{acme:s1}", "a b", "", "x" * 129, ".hidden", "a:b", "s1\n", "s1\r\n"):
         with pytest.raises(ValueError):
