@@ -20,10 +20,11 @@ from hope_core.engine_process import EngineProcess
 from hope_core.scheduler import Scheduler, StepStats
 from server.auth import get_tenant
 from server.context import Context
-from server.errors import APIError, install_error_handlers
+from server.errors import NO_RETRY, APIError, install_error_handlers
+from server.inference import TURN_SCOPE_KEY
 from server.metrics import Metrics
 from server.routers import chat, completions, health, models, playground, sessions
-from server.sessions import SessionManager
+from server.sessions import SessionManager, Turn
 from server.settings import Settings
 from server.stores.base import StoreUnavailable, open_store, redact_url
 
@@ -134,8 +135,11 @@ def _count_step(metrics: Metrics, stats: StepStats) -> None:
 class ShutdownAnswer:
     """A request still running when the server stops past its graceful period is cancelled by
     uvicorn, which then answers a plain-text 500. Before anything was sent, it gets OpenAI's
-    error instead: 503 `shutting_down` with Retry-After (another replica can serve it; the
-    request committed nothing, and its turn gave back its locks as it was cancelled)."""
+    error instead: 503 `shutting_down`. Usually the request committed nothing (its turn gave
+    back its locks as it was cancelled): then Retry-After, since another replica can serve it.
+    A request cut during its commit waited for it (Turn.commit): if the commit was stored, or
+    may have been, a retry would absorb the request twice, so the answer says so and asks for
+    no retry (`x-should-retry: false`)."""
 
     def __init__(self, app: ASGIApp, retry_after: int, on_answer) -> None:
         self.app, self.retry_after, self.on_answer = app, retry_after, on_answer
@@ -157,9 +161,20 @@ class ShutdownAnswer:
                 raise
             # the cancellation has done its work (the request unwound); answering is all that is left
             self.on_answer()
-            error = APIError(503, "the server is shutting down; nothing was stored, send the request again",
-                             code="shutting_down", headers={"Retry-After": str(self.retry_after)})
-            await error.response()(scope, receive, send)
+            await self.answer(scope.get(TURN_SCOPE_KEY)).response()(scope, receive, send)
+
+    def answer(self, turn: Turn | None) -> APIError:
+        outcome = turn.interrupted_commit if turn is not None else None
+        if outcome == "stored":
+            return APIError(503, "the server shut down after this request was stored (the session absorbed it) "
+                            "and before it could answer; do not send it again: the session's version shows it",
+                            code="shutting_down", headers=NO_RETRY)
+        if outcome == "unknown":
+            return APIError(503, "the server shut down while storing this request, so whether it was stored is "
+                            "unknown; read the session's version before sending it again",
+                            code="store_outcome_unknown", headers=NO_RETRY)
+        return APIError(503, "the server is shutting down; nothing was stored, send the request again",
+                        code="shutting_down", headers={"Retry-After": str(self.retry_after)})
 
 
 class BodyLimit:

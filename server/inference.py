@@ -198,6 +198,9 @@ async def collect(request: Request, run: TurnRun) -> list[PromptAbsorbed | Token
         await run.aclose()
 
 
+TURN_SCOPE_KEY = "hope.turn"
+
+
 async def begin_turn(request: Request, sessions: SessionManager, tenant: str, session_id: str | None,
                      learn: bool) -> Turn:
     """`sessions.begin`, given up as soon as the client goes away: a request queued for an engine
@@ -213,7 +216,9 @@ async def begin_turn(request: Request, sessions: SessionManager, tenant: str, se
         raise
     gone.cancel()
     if begin.done():
-        return begin.result()
+        turn = begin.result()
+        request.scope[TURN_SCOPE_KEY] = turn  # for the answer to a request cut by shutdown
+        return turn
     await _abandon(begin)
     raise client_closed()
 

@@ -130,12 +130,26 @@ def state_nbytes(state: SessionState) -> int:
     return sum(t.numel() * t.element_size() for t in state.state.tensors().values())
 
 
+def commit_id(meta: SessionMeta) -> tuple[str, int, float]:
+    """What names one commit. The incarnation (uid) and version do, unless the store lost its
+    last writes (a Redis restarted from an older snapshot, a failover to a lagging replica):
+    then two commits share them, and the time a commit was made tells them apart."""
+    return meta.uid, meta.version, meta.updated
+
+
 @dataclass
 class _Cached:
-    uid: str
-    version: int
+    commit: tuple[str, int, float]  # commit_id of the state held
     state: SessionState
     nbytes: int
+
+    @property
+    def uid(self) -> str:
+        return self.commit[0]
+
+    @property
+    def version(self) -> int:
+        return self.commit[1]
 
 
 class StateCache:
@@ -143,11 +157,12 @@ class StateCache:
     decoding the blob; the states stay on the engine's device, so a hit costs no transfer.
 
     An LRU bounded by bytes (`session_cache_bytes`) and by count (`session_cache_size`); either
-    at 0 disables it. An entry is keyed by (tenant, session id) and remembers the incarnation
-    (uid) and version it holds: the caller uses it only when the store still holds exactly
-    those (`SessionManager._load` checks with the metadata read it makes anyway), so replicas
-    sharing a store never serve a stale state. Commits write through: the committed state enters
-    the cache only after the store accepted it, and a failed commit drops the entry.
+    at 0 disables it. An entry is keyed by (tenant, session id) and remembers the commit it holds
+    (`commit_id`): the caller uses it only when the store still holds exactly that commit
+    (`SessionManager._load` checks with the metadata read it makes anyway), so replicas sharing
+    a store never serve a stale state, nor one whose commit the store has lost. Commits write
+    through: the committed state enters the cache only after the store accepted it, and a
+    failed commit drops the entry.
 
     Touched only from the event loop (no method awaits), so every method is atomic.
     """
@@ -172,25 +187,25 @@ class StateCache:
         return list(self._items)
 
     def get(self, key: tuple[str, str]) -> _Cached | None:
-        """The entry (marked most recently used), unvalidated: compare its uid and version with
-        the store's before using it."""
+        """The entry (marked most recently used), unvalidated: compare its commit with the
+        store's before using it."""
         item = self._items.get(key)
         if item is not None:
             self._items.move_to_end(key)
         return item
 
-    def put(self, key: tuple[str, str], uid: str, version: int, state: SessionState) -> None:
+    def put(self, key: tuple[str, str], meta: SessionMeta, state: SessionState) -> None:
         if not self.enabled:
             return
         old = self._items.get(key)
-        if old is not None and old.uid == uid and old.version > version:
+        if old is not None and old.uid == meta.uid and old.version > meta.version:
             return  # a read that began before a commit finished after it: keep the newer state
         self._remove(key)
         size = state_nbytes(state)
         if size > self.max_bytes:  # could never fit: not cached at all
             self.metrics.cache_evictions.inc()
         else:
-            self._items[key] = _Cached(uid, version, state, size)
+            self._items[key] = _Cached(commit_id(meta), state, size)
             self.nbytes += size
             while self.nbytes > self.max_bytes or len(self._items) > self.max_entries:
                 _, evicted = self._items.popitem(last=False)  # least recently used first
@@ -295,6 +310,11 @@ class Turn:
     history: list[bytes] = field(default_factory=list)
     lock_token: str | None = None
     work: SessionState | None = field(init=False, default=None)  # what the engine advances
+    # what became of a commit that the request's cancellation interrupted (uvicorn cancels
+    # requests still running past its graceful period): "stored" (the request then goes on to
+    # its answer), "not_stored" or "unknown"; None while no commit was interrupted.
+    # ShutdownAnswer says it to a client that gets no answer.
+    interrupted_commit: str | None = field(init=False, default=None)
     _uid: str = field(default_factory=lambda: uuid.uuid4().hex)
     _local_key: tuple[str, str] | None = None
     _slot: bool = False
@@ -320,7 +340,8 @@ class Turn:
     async def commit(self, new_digests: Sequence[bytes] = (), reset_history: bool = False,
                      update_norms: dict[str, float] | None = None) -> SessionMeta | None:
         """Store the working copy as the next version, if nobody changed the session meanwhile
-        (409 otherwise). Once begun, a commit is not interrupted by cancellation.
+        (409 otherwise). Once begun, a commit is not interrupted by cancellation: a cancelled
+        request waits for it, and goes on if it was stored (`_outlives_cancel`).
 
         `update_norms`: per level, the norm of this request's last update at that level; levels
         it did not update keep the norm stored before (an import starts over)."""
@@ -328,9 +349,18 @@ class Turn:
             return None
         m = self.manager
         key = (self.tenant, self.session_id or "")
+        # the write runs in a task of its own: anyio's shield keeps anyio's cancellations out,
+        # but asyncio's own (uvicorn's, at shutdown) passes it, and a write cut there may still
+        # land in the store
+        write = asyncio.ensure_future(self._write(new_digests, reset_history, update_norms))
         with anyio.CancelScope(shield=True):
             try:
-                meta = await self._write(new_digests, reset_history, update_norms)
+                await asyncio.wait({write})
+            except asyncio.CancelledError:
+                if not await self._outlives_cancel(write):
+                    raise
+            try:
+                meta = write.result()
             except BaseException:
                 # refused, failed or unknown outcome: the cache must not vouch for this session
                 # until a load has read the store again
@@ -339,8 +369,31 @@ class Turn:
             # write-through, only after the store accepted the commit; a copy (shallow at float32),
             # so that nothing done to the working copy afterwards reaches the cache, holding what
             # the blob holds, so that a replica that loads it answers as this one does
-            m.cache.put(key, meta.uid, meta.version, self.work.stored_as(m.settings.state_dtype))
+            m.cache.put(key, meta, self.work.stored_as(m.settings.state_dtype))
             return meta
+
+    async def _outlives_cancel(self, write: asyncio.Future[SessionMeta]) -> bool:
+        """This request was cancelled during its commit (the server's shutdown, past its grace):
+        wait for the write, and note what became of it (`interrupted_commit`). A stored turn has
+        done what the request was for, and its answer can still go out (the shutdown waits for
+        open turns): then the cancellation is spent and True is returned."""
+        try:
+            await asyncio.wait({write})
+        except asyncio.CancelledError:  # cancelled again: stop waiting
+            write.add_done_callback(lambda w: w.cancelled() or w.exception())  # retrieved, not logged
+            self.interrupted_commit = "unknown"
+            return False
+        error = None if write.cancelled() else write.exception()
+        if error is None and not write.cancelled():
+            self.interrupted_commit = "stored"
+            task = asyncio.current_task()
+            if task is not None and hasattr(task, "uncancel"):  # Python 3.11+: it counts cancellations
+                task.uncancel()
+            return True
+        unknown = isinstance(error, APIError) and error.code == "store_outcome_unknown"
+        self.interrupted_commit = "unknown" if unknown else "not_stored"
+        self.manager.cache.drop((self.tenant, self.session_id or ""))
+        return False
 
     async def _write(self, new_digests: Sequence[bytes], reset_history: bool,
                      update_norms: dict[str, float] | None) -> SessionMeta:
@@ -402,8 +455,7 @@ class Turn:
             stored = await m.store.get_meta(self.tenant, self.session_id)
         except StoreUnavailable:
             raise unknown from None
-        mine = (meta.uid, meta.version, meta.updated)
-        if stored is not None and (stored.uid, stored.version, stored.updated) == mine:
+        if stored is not None and commit_id(stored) == commit_id(meta):
             log.warning("a commit the store did not answer was stored", extra={"session": self.session_id})
             return True
         raise store_unavailable(m.settings.overload_retry_after_s)
@@ -455,13 +507,14 @@ class SessionManager:
                                                         initializer=torch.set_num_threads, initargs=(1,))
         self.local_locks = _LocalLocks()
         self.open_turns: dict[int, Turn] = {}  # turns that may hold a store lock, until released
+        self._releasing: set[asyncio.Future] = set()  # locks granted to callers that had left
 
     async def close(self, timeout: float = 5.0) -> None:
         """At shutdown, before the store closes: the turns of requests that the server aborted
         (uvicorn cancels them once its graceful period is over) give back their session locks
         first, so the sessions are free at once instead of after the lock's lease."""
         deadline = time.monotonic() + timeout
-        while self.open_turns and time.monotonic() < deadline:
+        while (self.open_turns or self._releasing) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         self.io_executor.shutdown(wait=False, cancel_futures=True)
 
@@ -522,7 +575,7 @@ class SessionManager:
             raise
         turn._local_key = key  # from here on, release() gives the local lock back
 
-        token = await self.store.acquire_lock(turn.tenant, key[1], s.lock_ttl_s)
+        token = await self._acquire_store_lock(turn.tenant, key[1])
         if token is None:  # another replica holds it: poll with backoff
             if s.busy_policy == "reject":
                 raise session_busy(busy)
@@ -534,9 +587,34 @@ class SessionManager:
                         raise session_busy(busy + f" (waited {s.busy_timeout_s:g} s)")
                     await asyncio.sleep(min(delay, left))
                     delay = min(delay * 2, 0.1)
-                    token = await self.store.acquire_lock(turn.tenant, key[1], s.lock_ttl_s)
+                    token = await self._acquire_store_lock(turn.tenant, key[1])
         turn.lock_token = token
         turn._refresher = asyncio.create_task(turn._keep_lock())
+
+    async def _acquire_store_lock(self, tenant: str, session_id: str) -> str | None:
+        """One attempt at the store's lock. A caller cancelled meanwhile (its client left) must
+        not orphan a lock that the store grants after all, which would keep the session busy for
+        a whole lease: the attempt runs on, and a token it gets is given back."""
+        attempt = asyncio.ensure_future(self.store.acquire_lock(tenant, session_id, self.settings.lock_ttl_s))
+        try:
+            return await asyncio.shield(attempt)
+        except asyncio.CancelledError:
+            self._releasing.add(attempt)  # held until done: the loop keeps only weak references
+            attempt.add_done_callback(lambda done: self._give_back(tenant, session_id, done))
+            raise
+
+    def _give_back(self, tenant: str, session_id: str, attempt: asyncio.Future) -> None:
+        self._releasing.discard(attempt)
+        if attempt.cancelled() or attempt.exception() is not None or attempt.result() is None:
+            return
+        release = asyncio.ensure_future(self.store.release_lock(tenant, session_id, attempt.result()))
+        self._releasing.add(release)
+        release.add_done_callback(self._released)
+
+    def _released(self, release: asyncio.Future) -> None:
+        self._releasing.discard(release)
+        if not release.cancelled() and release.exception() is not None:  # the lease frees it later
+            log.warning("could not give back an abandoned session lock", extra={"error": str(release.exception())})
 
     async def _load(self, tenant: str, session_id: str, with_state: bool = True
                     ) -> tuple[SessionMeta | None, list[bytes], SessionState | None]:
@@ -557,7 +635,7 @@ class SessionManager:
         history = split_digests(record.history)
         if not with_state:
             return record.meta, history, None
-        if cached is not None and (cached.uid, cached.version) == (record.meta.uid, record.meta.version):
+        if cached is not None and cached.commit == commit_id(record.meta):
             self.metrics.cache_hits.inc()
             return record.meta, history, cached.state
         self.metrics.cache_misses.labels("absent" if cached is None else "stale").inc()
@@ -571,7 +649,7 @@ class SessionManager:
         if state.version != record.meta.version:
             raise APIError(500, "the stored state does not match its metadata", code="state_mismatch")
         self.metrics.state_load.observe(time.perf_counter() - t0)
-        self.cache.put(key, record.meta.uid, record.meta.version, state)
+        self.cache.put(key, record.meta, state)
         return record.meta, history, state
 
     async def _decode(self, blob: bytes, what: str) -> SessionState:

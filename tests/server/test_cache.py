@@ -17,7 +17,7 @@ import server.app
 from hope_core.engine import Engine
 from server.metrics import Metrics
 from server.sessions import StateCache, state_nbytes
-from server.stores.base import SessionRecord, StateStore, StoreUnavailable
+from server.stores.base import SessionMeta, SessionRecord, StateStore, StoreUnavailable
 from server.stores.memory import MemoryStore
 from server.stores.redis import RedisStore
 from server.stores.sqlite import SQLiteStore
@@ -162,11 +162,15 @@ def test_an_older_version_never_replaces_a_newer_one(engine: Engine) -> None:
     """A `learn=false` read that decoded version 1 may finish after a commit cached version 2."""
     cache = StateCache(1 << 30, 10, Metrics())
     s1, s2 = engine.new_session(), engine.new_session()
-    cache.put(key("s"), "uid", 2, s2)
-    cache.put(key("s"), "uid", 1, s1)
+
+    def meta(uid: str, version: int) -> SessionMeta:
+        return SessionMeta("default", "s", uid, version, 0.0, float(version), 0, {}, 0, "", "float32")
+
+    cache.put(key("s"), meta("uid", 2), s2)
+    cache.put(key("s"), meta("uid", 1), s1)
     item = cache.get(key("s"))
     assert item is not None and item.version == 2 and item.state is s2
-    cache.put(key("s"), "another-uid", 1, s1)  # a re-created session: its own versions
+    cache.put(key("s"), meta("another-uid", 1), s1)  # a re-created session: its own versions
     item = cache.get(key("s"))
     assert item is not None and (item.uid, item.version) == ("another-uid", 1)
     assert cache.nbytes == state_nbytes(s1) and len(cache) == 1
@@ -274,3 +278,28 @@ async def test_a_recreated_session_is_another_incarnation(engine: Engine, shared
         assert out["session"]["version"] == 2
         assert out["session"]["tokens_absorbed"] == reborn["session"]["tokens_absorbed"] + absorbed_by(out)
         assert (await cache_metrics(a))["stale"] == 1
+
+
+async def test_a_commit_the_store_lost_is_not_served_from_the_cache(engine: Engine, redis_store_url: str) -> None:
+    """Redis may lose its last writes (a restart from an older snapshot, a failover to a lagging
+    replica): replica a's cached commit 3 was lost, and b then made another commit 3. The two
+    share uid and version; a must not build its next turn on its lost one."""
+    import redis
+
+    async with AsyncExitStack() as stack:
+        a, b = [await stack.enter_async_context(running_app(engine, redis_store_url)) for _ in range(2)]
+        for text in ("one", "two"):
+            await a.chat(text, session="r")
+        client = redis.Redis.from_url(redis_store_url.split("?")[0])
+        keys = [a.app.state.ctx.store.key("default", "r", part) for part in ("meta", "state", "hist")]
+        snapshot = {k: client.dump(k) for k in keys}  # version 2, as a snapshot holds it
+        lost = await a.chat("a short third turn that the store will lose", session="r")
+        assert lost["session"]["version"] == 3 and cache_of(a).get(key("r")).version == 3
+        for k, blob in snapshot.items():  # Redis comes back from the snapshot
+            client.restore(k, 0, blob, replace=True)
+        kept = await b.chat("another third turn, this one kept, and longer than the lost one was", session="r")
+        assert kept["session"]["version"] == 3
+        fourth = await a.chat("the fourth turn", session="r")
+        assert fourth["session"]["tokens_absorbed"] == kept["session"]["tokens_absorbed"] + absorbed_by(fourth)
+        assert (await cache_metrics(a))["stale"] == 1
+        client.close()

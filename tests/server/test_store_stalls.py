@@ -10,6 +10,7 @@ import os
 import signal
 
 import pytest
+import redis
 
 from hope_core.engine import Engine
 from server.errors import APIError
@@ -65,3 +66,55 @@ async def test_a_full_redis_answers_store_full(engine: Engine, tmp_path) -> None
             assert r.status_code == 503, r.text
             assert r.json()["error"]["code"] == "store_full" and int(r.headers["retry-after"]) >= 1
             assert (await api.client.get(f"/v1/sessions/s{i}")).status_code == 404
+
+
+async def test_a_caller_that_leaves_during_a_lock_attempt_orphans_no_lock(engine: Engine, tmp_path) -> None:
+    """The client left while the store was granting the session's lock: the grant arrives after
+    the caller is gone, and must be given back, not hold the session busy for a whole lease."""
+    with own_redis(tmp_path) as (url, redis_proc):
+        async with running_app(engine, url, busy_policy="reject") as api:
+            await api.chat("before", session="s")
+            sessions = api.app.state.ctx.sessions
+            os.kill(redis_proc.pid, signal.SIGSTOP)
+            try:
+                attempt = asyncio.create_task(sessions.begin(DEFAULT_TENANT, "s"))
+                await asyncio.sleep(0.3)  # its lock script is sent, Redis has not answered
+                attempt.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await attempt
+            finally:
+                os.kill(redis_proc.pid, signal.SIGCONT)
+            lock = redis.Redis.from_url(url)
+            for _ in range(100):  # the late grant is given back as soon as it arrives
+                if not lock.exists(api.app.state.ctx.store.key(DEFAULT_TENANT, "s", "lock")):
+                    break
+                await asyncio.sleep(0.02)
+            lock.close()
+            out = await api.chat("after", session="s")  # busy_policy reject: a held lock is a 409
+            assert out["session"]["version"] == 2
+
+
+async def test_a_request_cut_by_shutdown_during_its_commit_answers_what_was_stored(engine: Engine, tmp_path) -> None:
+    """uvicorn cancels the requests still running past its graceful period, and asyncio's cancel
+    passes anyio's shield. A commit already sent may still land: the answer must then not be
+    "nothing was stored, send it again", which makes clients absorb the request twice. The
+    request waits for its commit and, stored, answers as if nothing had happened."""
+    with own_redis(tmp_path) as (url, _):
+        async with running_app(engine, url) as api:
+            await api.chat("before", session="s")
+            store = redis.Redis.from_url(url)
+            lock = api.app.state.ctx.store.key(DEFAULT_TENANT, "s", "lock")
+            request = asyncio.create_task(api.client.post("/v1/chat/completions", json={
+                "model": api.model, "session_id": "s", "max_tokens": 4, "temperature": 0,
+                "messages": [{"role": "user", "content": "cut by shutdown"}]}))
+            while not store.exists(lock):  # the turn holds its lock: what is left to write is the commit
+                await asyncio.sleep(0.005)
+            store.execute_command("CLIENT", "PAUSE", "1500", "WRITE")  # the commit waits in Redis
+            sessions = api.app.state.ctx.sessions
+            while not any(t.work is not None and t.work.version > 1 for t in sessions.open_turns.values()):
+                await asyncio.sleep(0.005)  # the commit is under way (its version is set)
+            request.cancel()  # as uvicorn does
+            r = await request
+            version = (await api.session("s"))["version"]
+            store.close()
+    assert r.status_code == 200 and r.json()["session"]["version"] == version == 2, r.text
