@@ -12,8 +12,9 @@ this size would have to be trained first. On CUDA both run in bf16, as a frozen 
 served; on CPU in fp32 (CPU bf16 matmuls are slower, not faster).
 
 The KV loop also runs at batch 1 with every width divided by `NARROW` (`narrow_config`): the same
-ops on 1/64 of the arithmetic, so its time is what the loop's eager ops cost before any arithmetic
-(HOPE's engine is measured the same way, `bench.engine_speed.narrow_engine`).
+ops on about 1/26 of the arithmetic (the vocabulary is not narrowed), so its time is what the
+loop's eager ops cost before any arithmetic (HOPE's engine is measured the same way,
+`bench.engine_speed.narrow_engine`).
 """
 
 from __future__ import annotations

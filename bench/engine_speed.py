@@ -8,8 +8,9 @@
   first submit to the last result (prefill included, as `vllm bench` counts output throughput).
   Decode step times come from the scheduler's `on_step` statistics: the GPU roofline uses them.
 * The per-op floor: one session through the scheduler on a model with the checkpoint's layout and
-  every width divided by `NARROW` (random weights): the same ops on 1/64 of the arithmetic, so
-  its decode time is what the eager ops cost before any arithmetic.
+  every width divided by `NARROW` (random weights): the same ops on about 1/26 of the arithmetic
+  (the vocabulary is not narrowed), so its decode time is what the eager ops cost before any
+  arithmetic.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class ConcurrencyRow:
     seconds: float
     learn: bool
     step_s: float | None = None  # mean decode step with all `sessions` in the batch and no prefill
+    step_tokens: float | None = None  # tokens those steps made, on average (rows waiting to commit make none)
 
     @property
     def tokens_per_s(self) -> float:
@@ -68,9 +70,10 @@ class ConcurrencyRow:
 
     @property
     def decode_tokens_per_s(self) -> float | None:
-        """Decode alone: one token per session per step (chunk commits included, prefill not), the
-        figure to compare with a decode loop that starts its clock after the prompt."""
-        return self.sessions / self.step_s if self.step_s else None
+        """Decode alone: the tokens the decode steps made over their time (chunk commits
+        included, prefill not), the figure to compare with a decode loop that starts its clock
+        after the prompt."""
+        return (self.step_tokens or self.sessions) / self.step_s if self.step_s else None
 
 
 @dataclass
@@ -152,8 +155,9 @@ def concurrency(engine: Engine, levels: list[int], n_tokens: int, n_prompt: int 
         dt = time.perf_counter() - t0
         tokens = sum(len(r.generation.token_ids) for r in results if r.generation is not None)
         # the mean, not the median: the steps that commit a chunk (and learn) are part of the cost
-        full = [s.seconds for s in steps if s.batch_size == n and s.prefill_tokens == 0]
-        return ConcurrencyRow(n, tokens, dt, learn, sum(full) / len(full) if full else None)
+        full = [s for s in steps if s.batch_size == n and s.prefill_tokens == 0]
+        return ConcurrencyRow(n, tokens, dt, learn, sum(s.seconds for s in full) / len(full) if full else None,
+                              sum(s.decoded for s in full) / len(full) if full else None)
 
     sweeps = [] if sweeps is None else sweeps
     try:
@@ -182,7 +186,14 @@ def run(engine: Engine, levels: list[int], single_tokens: int, concurrent_tokens
     res = EngineResults(str(engine.device), reps=reps)
     if publish:
         publish(res)
-    res.single = single_session(engine, single_tokens, reps, log)
+    # on this thread, with the threads the scheduler gets (the caller keeps this one at one
+    # thread for the scheduler's sake), as the baselines it is set beside run
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        res.single = single_session(engine, single_tokens, reps, log)
+    finally:
+        torch.set_num_threads(before)
     if not scheduler_available():
         res.note = "hope_core.scheduler is not available"
         log(f"engine concurrency: skipped ({res.note})")

@@ -1,10 +1,12 @@
 """A load generator for `hope serve`, in the manner of `vllm bench serve`.
 
 For each concurrency level N: `requests(N)` streaming `/v1/chat/completions` requests arrive as a
-Poisson process (exponential inter-arrival times at `request_rate` per second; by default 4N/s,
-so the level fills up quickly and then stays full), at most N in flight (an arrival beyond that
-waits for a slot, as vLLM's `--max-concurrency`). Every request has its own session id, so every
-session learns and commits, and asks for exactly `max_tokens` tokens (`ignore_eos`).
+Poisson process (exponential inter-arrival times at `request_rate` per second; by default 32N/s,
+so the level fills up at once and stays full: at 4N/s a level of one request waited for its
+next arrival a quarter of the time, and measured the schedule instead of the server), at most N
+in flight (an arrival beyond that waits for a slot, as vLLM's `--max-concurrency`). Every request
+has its own session id, so every session learns and commits, and asks for exactly `max_tokens`
+tokens (`ignore_eos`).
 
 The levels run `sweeps` times over (three in the full `hope bench`): each level reports its run
 with the most tokens/s, and a speedup over one request is the median of the ratios within a sweep,
@@ -62,7 +64,7 @@ PROMPT = "Tell me a long story about a lighthouse keeper and the sea."
 class LoadConfig:
     levels: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
     max_tokens: int = 32
-    request_rate: float | None = None  # requests/s; None: 4 x the level's concurrency
+    request_rate: float | None = None  # requests/s; None: 32 x the level's concurrency
     requests_per_slot: int = 2  # requests per level = max(min_requests, requests_per_slot x N)
     min_requests: int = 8
     prompt: str = PROMPT
@@ -74,7 +76,7 @@ class LoadConfig:
         return max(self.min_requests, self.requests_per_slot * concurrency)
 
     def rate(self, concurrency: int) -> float:
-        return self.request_rate or 4.0 * concurrency
+        return self.request_rate or 32.0 * concurrency
 
 
 @dataclass

@@ -143,8 +143,9 @@ def _engine(e: EngineResults) -> list[str]:
         one = e.at(1)
         out += ["## Concurrent sessions through the engine's scheduler (no HTTP)", "",
                 "N fresh sessions submitted at once, each a 16-token prompt then the same number of sampled tokens,",
-                "learning on. End to end: generated tokens over the wall time, prefill included. Decode: N over the",
-                "mean time of a decode step with all N sessions in the batch (chunk commits included). Each row is",
+                "learning on. End to end: generated tokens over the wall time, prefill included. Decode: the tokens",
+                "of the decode steps with all N sessions in the batch over their time (chunk commits included; a",
+                "session waiting to commit takes no token). Each row is",
                 f"the best of {e.reps} sweeps over the levels; the speedup is the median over the sweeps of the ratio",
                 "within a sweep.", ""]
         rows = []

@@ -487,7 +487,8 @@ class _Core:
                                          "jobs": self.scheduler.busy})
             if self.items or stats is not None:
                 out = {"items": self.items,
-                       "stats": None if stats is None else [stats.batch_size, stats.prefill_tokens, stats.seconds]}
+                       "stats": None if stats is None else [stats.batch_size, stats.prefill_tokens, stats.seconds,
+                                                          stats.decoded]}
                 self.items = []
                 _send(self.conn, out)
 

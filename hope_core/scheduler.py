@@ -78,9 +78,10 @@ class JobResult:
 class StepStats:
     """What one scheduler step did, for metrics."""
 
-    batch_size: int  # jobs in the decode step (0: prefill only)
+    batch_size: int  # jobs in the decode step (0: prefill only), rows waiting to commit included
     prefill_tokens: int
     seconds: float
+    decoded: int = 0  # rows that took a token in the decode step (not those waiting to commit)
 
 
 class _Running:
@@ -228,9 +229,8 @@ class Scheduler:
         self._finish([(r, Cancelled()) for r in self._decoding if r.cancelled])
         n_prefill = self._prefill_step()
         n_decode = len(self._decoding)
-        if n_decode:
-            self._decode_step()
-        stats = StepStats(n_decode, n_prefill, time.perf_counter() - t0)
+        decoded = self._decode_step() if n_decode else 0
+        stats = StepStats(n_decode, n_prefill, time.perf_counter() - t0, decoded)
         if self.on_step is not None:
             self.on_step(stats)
         return stats
@@ -296,7 +296,8 @@ class Scheduler:
         r.text = TextStream(self.engine.tokenizer, r.job.params)
         return True
 
-    def _decode_step(self) -> None:
+    def _decode_step(self) -> int:
+        """One batched decode step. Returns the rows that took a token."""
         if self.batch.n_decoding == 0:  # only sessions waiting to commit are left
             self._attach(self.batch.commit_waiting())
         rows = self._decoding[:self.batch.n_decoding]
@@ -334,6 +335,7 @@ class Scheduler:
                 else:
                     finished.append((r, None))
         self._finish(finished)
+        return len(rows)
 
     def _attach(self, commits) -> None:
         """Each commit's updates go to the job of each row it committed."""

@@ -549,3 +549,18 @@ def test_a_reply_that_fills_its_chunk_keeps_that_commits_updates_when_it_waits(e
         run_to_end(sched, [done, rest])
         levels.append([u.level for u in done.result().generation.updates])
     assert levels[0] == levels[1] and levels[0], levels
+
+
+def test_step_stats_count_the_tokens_a_step_made(engine):
+    """Rows waiting to commit are in the step's batch but take no token: `decoded` says how many
+    did, and the tokens of all steps add up to the tokens the jobs generated."""
+    steps = []
+    sched = Scheduler(engine, max_batch=4, prefill_tokens=64, commit_wait=8, on_step=steps.append)
+    jobs = [Job(session=engine.new_session(), prompt=[5] * (3 + 5 * i), params=SamplingParams(max_tokens=40, seed=i))
+            for i in range(4)]  # out of phase: their chunks fill at different steps
+    futures = [sched.submit(j) for j in jobs]
+    run_to_end(sched, futures)
+    made = sum(len(f.result().generation.token_ids) for f in futures)
+    assert sum(s.decoded for s in steps) == made
+    assert any(s.decoded < s.batch_size for s in steps)  # some stepped aside to wait
+    assert all(s.decoded <= s.batch_size for s in steps)
