@@ -59,7 +59,7 @@ class DecodeBatch:
         self.open_counts: list[int] = []  # per active row: tokens in its open chunk (host copy)
         self.owners: list[object] = []  # per active row: whatever the caller joined it with
         self.learns: list[Learning] = []  # per active row: its switches, as of its last step
-        self.waits: list[int] = []  # per active row: steps it has waited to commit
+        self.waits: list[float] = []  # per active row: steps it has waited to commit (see `waited`)
         self.graphs = graphs and template.n_open.is_cuda
         self.pad = self.graphs if pad is None else pad
         self.commit_wait = commit_wait
@@ -217,19 +217,26 @@ class DecodeBatch:
             self._permute(order)
             for i in range(self.n_decoding, self.n_decoding + len(full)):
                 self.waits[i] = 0
-        if self.n_waiting and self._commit_now():
+        if self.n_waiting and self.commit_due():
             return self.commit_waiting()
         return []
 
-    def _commit_now(self) -> bool:
-        """Whether the waiting rows commit now: they wait only while another row will fill its
-        chunk (the host knows when: it counts each row's open tokens) before the longest waiting
-        of them would have waited `commit_wait` steps. A wait that nobody joins is never
-        taken."""
-        if self.n_decoding == 0:
-            return True
-        soonest = min(self.cfg.chunk - c for c in self.open_counts[:self.n_decoding])
-        return max(self.waits[self.n_decoding:]) + soonest > self.commit_wait
+    def commit_due(self) -> bool:
+        """Whether the waiting rows commit now: they wait only while another row that would
+        commit with them (one that learns as one of them does) will fill its chunk (the host
+        knows when: it counts each row's open tokens) before the longest waiting of them would
+        have waited `commit_wait` steps. A wait that nobody joins is never taken."""
+        n = self.n_decoding
+        kinds = set(self.learns[n:])
+        soon = [self.cfg.chunk - c for c, learn in zip(self.open_counts[:n], self.learns[:n]) if learn in kinds]
+        return not soon or max(self.waits[n:]) + min(soon) > self.commit_wait
+
+    def waited(self, steps: float) -> None:
+        """The waiting rows waited `steps` more decode steps than the steps counted them: a step
+        that also absorbed prompt tokens takes longer (the scheduler counts a chunk of them as
+        one step), and a session sitting out eight of those would stall for seconds."""
+        for i in range(self.n_decoding, self.n):
+            self.waits[i] += steps
 
     def commit_waiting(self):
         """Commit every waiting row now (they decode again from the next step). Returns what

@@ -228,6 +228,10 @@ class Scheduler:
             self._end(r, Cancelled())
         self._finish([(r, Cancelled()) for r in self._decoding if r.cancelled])
         n_prefill = self._prefill_step()
+        if n_prefill and self.batch.n_waiting:  # a longer step: the waiting may have waited enough
+            self.batch.waited(n_prefill / self.engine.cfg.chunk)
+            if self.batch.commit_due():  # then they commit now, and take a token in this step
+                self._attach(self.batch.commit_waiting())
         n_decode = len(self._decoding)
         decoded = self._decode_step() if n_decode else 0
         stats = StepStats(n_decode, n_prefill, time.perf_counter() - t0, decoded)

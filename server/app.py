@@ -128,8 +128,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 def _count_step(metrics: Metrics, stats: StepStats) -> None:
     metrics.scheduler_steps.inc()
     metrics.step_seconds.observe(stats.seconds)
-    if stats.batch_size:
-        metrics.batch_size.observe(stats.batch_size)
+    metrics.prompt_tokens.inc(stats.prefill_tokens)  # as absorbed: a long prompt cut short counts too
+    if stats.decoded:  # the sessions that took a token (not those waiting to commit)
+        metrics.batch_size.observe(stats.decoded)
 
 
 class ShutdownAnswer:

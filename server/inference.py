@@ -128,9 +128,8 @@ class TurnRun:
         n_tokens = 0
         async for item in self._items():
             # the engine's work is counted as it is done, as TTFT and ITL are, also for a
-            # request that then commits nothing (a client gone, a conflict, the engine lost)
-            if isinstance(item, PromptAbsorbed):
-                m.prompt_tokens.inc(len(item.token_ids))
+            # request that then commits nothing (a client gone, a conflict, the engine lost);
+            # prompt tokens by each scheduler step that absorbs them (server.app._count_step)
             if isinstance(item, TokenEvent):
                 if n_tokens >= self.plan.params.max_tokens:
                     # the engine's final flush of held-back text repeats the last token's id:

@@ -3,6 +3,7 @@ gets what `Engine.generate` gives it alone, and the batch never mixes sessions u
 
 from __future__ import annotations
 
+import itertools
 import random
 import threading
 
@@ -564,3 +565,44 @@ def test_step_stats_count_the_tokens_a_step_made(engine):
     assert sum(s.decoded for s in steps) == made
     assert any(s.decoded < s.batch_size for s in steps)  # some stepped aside to wait
     assert all(s.decoded <= s.batch_size for s in steps)
+
+
+def test_a_session_waiting_to_commit_does_not_sit_out_long_prefill_steps(engine):
+    """A row whose chunk fills may wait up to `commit_wait` decode steps for another to commit
+    with it. A step that also absorbs a slice of a long prompt takes many times longer: waiting
+    through eight of those stalled a stream for seconds. Prefill counts towards the wait."""
+    done = [0]
+    seen: dict[int, list[int]] = {0: [], 1: []}
+
+    def emit(i: int):
+        return lambda e: seen[i].append(done[0]) if isinstance(e, TokenEvent) else None
+
+    sched = Scheduler(engine, max_batch=4, prefill_tokens=64, commit_wait=8,
+                      on_step=lambda s: done.__setitem__(0, done[0] + 1))
+    # chunks out of phase by two tokens (of 4): the first to fill would sit out two steps
+    decoders = [Job(session=engine.new_session(), prompt=[5] * n, params=SamplingParams(max_tokens=48, seed=i),
+                    emit=emit(i)) for i, n in enumerate((1, 3))]
+    long = sched.submit(Job(session=engine.new_session(), prompt=[7] * (64 * 30), params=SamplingParams(max_tokens=1)))
+    futures = [sched.submit(j) for j in decoders]
+    prefilling = []  # the steps that absorbed prompt tokens
+    while not all(f.done() for f in [*futures, long]):
+        stats = sched.step()
+        if stats.prefill_tokens:
+            prefilling.append(done[0])
+    for steps in seen.values():
+        during = [b - a for a, b in itertools.pairwise(steps) if b <= prefilling[-1]]
+        assert len(during) > 20 and max(during) == 1, during
+
+
+def test_a_session_waits_to_commit_only_with_sessions_it_commits_with(engine):
+    """Sessions that learn differently commit in separate groups: waiting for one another saves
+    nothing, so a session whose chunk fills does not sit out steps for them."""
+    done = [0]
+    seen: list[int] = []
+    sched = Scheduler(engine, max_batch=4, prefill_tokens=64, commit_wait=8,
+                      on_step=lambda s: done.__setitem__(0, done[0] + 1))
+    reader = Job(session=engine.new_session(), prompt=[5], params=SamplingParams(max_tokens=24, seed=0),
+                 learn=False, emit=lambda e: seen.append(done[0]) if isinstance(e, TokenEvent) else None)
+    learner = Job(session=engine.new_session(), prompt=[5] * 3, params=SamplingParams(max_tokens=24, seed=1))
+    run_to_end(sched, [sched.submit(reader), sched.submit(learner)])
+    assert [b - a for a, b in itertools.pairwise(seen)] == [1] * (len(seen) - 1)
