@@ -80,7 +80,7 @@ def unicode_to_bytes() -> dict[str, int]:
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
 
-def _sanitize(text: str) -> str:
+def sanitize(text: str) -> str:
     """Replace lone surrogates with U+FFFD.
 
     A Python ``str`` can hold lone surrogates (e.g. from ``surrogateescape`` decoding); they
@@ -180,13 +180,13 @@ class HopeTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Encode ordinary text; special-token names in ``text`` become ordinary byte tokens."""
-        ids = self._tok.encode(_sanitize(text), add_special_tokens=False).ids
+        ids = self._tok.encode(sanitize(text), add_special_tokens=False).ids
         self._check_no_special(ids)
         return ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Encode many texts in parallel (Rust threads); same rules as :meth:`encode`."""
-        encodings = self._tok.encode_batch([_sanitize(t) for t in texts], add_special_tokens=False)
+        encodings = self._tok.encode_batch([sanitize(t) for t in texts], add_special_tokens=False)
         out = [e.ids for e in encodings]
         for ids in out:
             self._check_no_special(ids)
@@ -312,7 +312,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> HopeTokeniz
         min_frequency=2,
         show_progress=False,
     )
-    tok.train_from_iterator((_sanitize(t) for t in texts), trainer=trainer)
+    tok.train_from_iterator((sanitize(t) for t in texts), trainer=trainer)
     return HopeTokenizer(tok)
 
 

@@ -20,8 +20,7 @@ from hope_core.engine_process import EngineProcess
 from hope_core.scheduler import Scheduler, StepStats
 from server.auth import get_tenant
 from server.context import Context
-from server.errors import NO_RETRY, APIError, install_error_handlers
-from server.inference import TURN_SCOPE_KEY
+from server.errors import NO_RETRY, TURN_SCOPE_KEY, APIError, install_error_handlers
 from server.metrics import Metrics
 from server.routers import chat, completions, health, models, playground, sessions
 from server.sessions import SessionManager, Turn

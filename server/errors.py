@@ -39,6 +39,7 @@ _KINDS: dict[int, tuple[str, str]] = {
 # cannot fix (a name taken, a state of another checkpoint), or that a retry could make worse (a
 # commit that may have landed, absorbed twice), say so.
 NO_RETRY = {"x-should-retry": "false"}
+TURN_SCOPE_KEY = "hope.turn"  # the request's turn on a session (server.sessions.Turn), once it has one
 
 
 class APIError(Exception):
@@ -173,6 +174,10 @@ def install_error_handlers(app: FastAPI, count_failure, retry_after: int,
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", extra={"path": request.url.path})
-        err = APIError(500, "internal server error", code="internal_error")
+        if getattr(request.scope.get(TURN_SCOPE_KEY), "stored", False):  # a retry would absorb it twice
+            err = APIError(500, "internal server error after this request was stored (the session absorbed "
+                           "it); do not send it again", code="internal_error", headers=NO_RETRY)
+        else:
+            err = APIError(500, "internal server error", code="internal_error")
         count_failure(request, err.reason)
         return err.response()

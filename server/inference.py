@@ -29,7 +29,7 @@ from hope_core.engine_process import EngineDied
 from hope_core.sampling import SamplingParams
 from hope_core.scheduler import Job, JobResult
 from server.context import Context
-from server.errors import APIError, bad_request, engine_unavailable, not_found
+from server.errors import TURN_SCOPE_KEY, APIError, bad_request, engine_unavailable, not_found
 from server.schemas import SamplingFields, SessionInfo, Surprise
 from server.sessions import SessionManager, Turn
 from server.stores.base import valid_session_id
@@ -197,9 +197,6 @@ async def collect(request: Request, run: TurnRun) -> list[PromptAbsorbed | Token
         await run.aclose()
 
 
-TURN_SCOPE_KEY = "hope.turn"
-
-
 async def begin_turn(request: Request, sessions: SessionManager, tenant: str, session_id: str | None,
                      learn: bool) -> Turn:
     """`sessions.begin`, given up as soon as the client goes away: a request queued for an engine
@@ -216,7 +213,7 @@ async def begin_turn(request: Request, sessions: SessionManager, tenant: str, se
     gone.cancel()
     if begin.done():
         turn = begin.result()
-        request.scope[TURN_SCOPE_KEY] = turn  # for the answer to a request cut by shutdown
+        request.scope[TURN_SCOPE_KEY] = turn  # for the answer to a request that fails after it began
         return turn
     await _abandon(begin)
     raise client_closed()

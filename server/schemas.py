@@ -9,6 +9,8 @@ OpenAI parameters that would change the output and are not implemented (the pena
 `logit_bias`, `tools` and `functions`, a `response_format` other than text, completions'
 `suffix` and `best_of`) are refused with a 400 unless they hold their neutral value, which
 clients often send; silently ignoring them would answer a different request than the one made.
+So are vLLM's and llama.cpp's extensions of that kind, which clients moved from those servers
+send (`repetition_penalty`, `min_p`, `min_tokens`, `guided_*`, `grammar`, ...).
 Other unknown parameters (`metadata`, `store`, ...) are accepted and ignored. A null parameter
 is its default, as at OpenAI.
 """
@@ -74,7 +76,7 @@ class SamplingFields(OpenAIRequest):
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)  # below 1e-6: greedy, as OpenAI's 0
-    top_k: int = Field(0, ge=0)  # HOPE/vLLM extension; 0: no limit
+    top_k: int = Field(0, ge=-1)  # HOPE/vLLM extension; 0 or -1 (vLLM's "disabled"): no limit
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int = 1
@@ -87,6 +89,47 @@ class SamplingFields(OpenAIRequest):
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     logit_bias: dict[str, float] = Field(default_factory=dict)
+    # vLLM's and llama.cpp's extensions that change the output, which their clients send here too
+    repetition_penalty: float = 1.0
+    repeat_penalty: float = 1.0  # llama.cpp's name
+    min_p: float = 0.0
+    min_tokens: int = 0
+    mirostat: int = 0
+    include_stop_str_in_output: bool = False
+    guided_json: Any = None
+    guided_choice: Any = None
+    guided_regex: Any = None
+    guided_grammar: Any = None
+    structured_outputs: Any = None
+    grammar: Any = None
+    json_schema: Any = None
+
+    @field_validator("top_k")
+    @classmethod
+    def _no_limit(cls, v: int) -> int:
+        return max(v, 0)
+
+    @field_validator("repetition_penalty", "repeat_penalty")
+    @classmethod
+    def _no_repetition_penalty(cls, v: float) -> float:
+        return _neutral(v, v == 1, "repetition penalties are not supported; only 1")
+
+    @field_validator("min_p", "min_tokens", "mirostat")
+    @classmethod
+    def _no_sampler_extension(cls, v: float) -> float:
+        return _neutral(v, v == 0, "min_p, min_tokens and mirostat are not supported; only 0")
+
+    @field_validator("include_stop_str_in_output")
+    @classmethod
+    def _stop_not_included(cls, v: bool) -> bool:
+        return _neutral(v, not v, "include_stop_str_in_output is not supported; only false")
+
+    @field_validator("guided_json", "guided_choice", "guided_regex", "guided_grammar", "structured_outputs",
+                     "grammar", "json_schema")
+    @classmethod
+    def _no_constrained_decoding(cls, v: Any) -> Any:
+        return _neutral(v, v is None or v == {} or v == [] or v == "",
+                        "constrained decoding (guided_*, structured_outputs, grammar, json_schema) is not supported")
 
     @field_validator("n")
     @classmethod

@@ -315,6 +315,7 @@ class Turn:
     # its answer), "not_stored" or "unknown"; None while no commit was interrupted.
     # ShutdownAnswer says it to a client that gets no answer.
     interrupted_commit: str | None = field(init=False, default=None)
+    stored: bool = field(init=False, default=False)  # a commit of this turn is in the store
     _uid: str = field(default_factory=lambda: uuid.uuid4().hex)
     _local_key: tuple[str, str] | None = None
     _slot: bool = False
@@ -369,6 +370,7 @@ class Turn:
             # write-through, only after the store accepted the commit; a copy (shallow at float32),
             # so that nothing done to the working copy afterwards reaches the cache, holding what
             # the blob holds, so that a replica that loads it answers as this one does
+            self.stored = True
             m.cache.put(key, meta, self.work.stored_as(m.settings.state_dtype))
             return meta
 

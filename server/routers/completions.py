@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from starlette.background import BackgroundTask
 
 from hope_core.engine import TokenEvent
+from hope_core.tokenizer import sanitize
 from server.auth import Ctx, Sessions, Tenant
 from server.errors import APIError
 from server.inference import (
@@ -87,7 +88,9 @@ async def completions(body: CompletionRequest, request: Request, ctx: Ctx,
     session_id = resolve_session_id(body.session_id, x_session_id, body.user)
     tok = sessions.engine.tokenizer
     params = sampling_params(ctx, body, body.max_tokens, "max_tokens", [tok.eot_id], default=16)  # OpenAI's
-    prompt_text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
+    # lone surrogates (JSON's "\ud83d", a string cut inside an emoji) become U+FFFD, as the
+    # tokenizer reads them: the echoed text must be encodable, and one character stays one
+    prompt_text = sanitize(body.prompt if isinstance(body.prompt, str) else body.prompt[0])
     prompt = tok.encode(prompt_text)
     if not prompt and params.max_tokens == 0:
         raise APIError(400, "nothing to do: an empty prompt and max_tokens=0", param="prompt", code="invalid_value")

@@ -447,3 +447,33 @@ async def test_a_turn_that_overflows_the_memory_stores_nothing(engine: Engine) -
             assert failed["error"]["code"] == "state_not_finite"
         assert (await api.session("huge"))["version"] == 1
         assert (await api.client.get("/v1/sessions/huge/state")).content == imported
+
+
+async def test_a_lone_surrogate_in_an_echoed_prompt(engine: Engine) -> None:
+    """JSON's "\\ud83d" (a string cut inside an emoji) is valid JSON but not encodable text: it is
+    read as U+FFFD, as the tokenizer reads it, so that the echo can be sent. It used to be
+    stored, then answered with a 500 that clients retry, absorbing the prompt again each time."""
+    async with running_app(engine) as api:
+        body = ('{"model": "%s", "prompt": "smile \\ud83d", "echo": true, "max_tokens": 2, "session_id": "sur"%s}')
+        r = await api.client.post("/v1/completions", content=body % (api.model, ""),
+                                  headers={"content-type": "application/json"})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"].startswith("smile \ufffd")
+        chunks = _stream_chunks(await api.client.post("/v1/completions", content=body % (api.model, ', "stream": true'),
+                                                      headers={"content-type": "application/json"}))
+        assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]).startswith("smile \ufffd")
+        assert (await api.session("sur"))["version"] == 2
+
+
+async def test_vllm_extensions(engine: Engine) -> None:
+    """Clients moved from vLLM or llama.cpp send their extensions: -1 is vLLM's "no top-k", and
+    the ones that would change the output are refused unless neutral, as OpenAI's are."""
+    async with running_app(engine) as api:
+        same = dict(temperature=0.9, seed=5, max_tokens=6)
+        assert (await api.chat("hi", top_k=-1, **same))["choices"] == (await api.chat("hi", top_k=0, **same))["choices"]
+        await api.chat("hi", top_k=-2, expect=400)
+        await api.chat("hi", repetition_penalty=1.0, min_p=0, guided_json=None, include_stop_str_in_output=False)
+        for extra in ({"repetition_penalty": 1.1}, {"min_p": 0.05}, {"min_tokens": 4}, {"guided_choice": ["a", "b"]},
+                      {"grammar": "root ::= \"a\""}, {"include_stop_str_in_output": True}):
+            err = await api.chat("hi", expect=400, **extra)
+            assert err["error"]["param"] == next(iter(extra)), err
