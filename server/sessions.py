@@ -294,6 +294,21 @@ class _LocalLocks:
 
 # ---- one request's hold on a session -----------------------------------------------------------
 
+async def keep_lock(store: StateStore, tenant: str, session_id: str, token: str, ttl_s: float) -> None:
+    """Renew a lock's lease while its request runs; a lost lock makes the commit fail. A task of
+    its own that knows nothing of the turn: a cancelled task keeps its frames (in its
+    exception's traceback), and a frame holding the turn would keep the turn's states, megabytes
+    each, alive in a cycle until a full garbage collection."""
+    while True:
+        await asyncio.sleep(ttl_s / 3)
+        try:
+            if not await store.refresh_lock(tenant, session_id, token, ttl_s):
+                log.warning("session lock lost", extra={"session": session_id})
+                return
+        except StoreUnavailable:
+            continue
+
+
 @dataclass
 class Turn:
     """What a request works with: the committed state, a working copy, and the means to commit.
@@ -462,20 +477,6 @@ class Turn:
             return True
         raise store_unavailable(m.settings.overload_retry_after_s)
 
-    async def _keep_lock(self) -> None:
-        """Renew the lock's lease while the request runs; a lost lock makes the commit fail."""
-        m = self.manager
-        assert self.session_id and self.lock_token
-        while True:
-            await asyncio.sleep(m.settings.lock_ttl_s / 3)
-            try:
-                if not await m.store.refresh_lock(self.tenant, self.session_id, self.lock_token,
-                                                  m.settings.lock_ttl_s):
-                    log.warning("session lock lost", extra={"session": self.session_id})
-                    return
-            except StoreUnavailable:
-                continue
-
     async def release(self) -> None:
         """Give back the slot and the locks. Idempotent; runs to the end even when cancelled."""
         if self._released:
@@ -485,6 +486,7 @@ class Turn:
         with anyio.CancelScope(shield=True):
             if self._refresher is not None:
                 self._refresher.cancel()
+                self._refresher = None
             if self._slot:
                 m.admission.release()
             if self.lock_token is not None and self.session_id:
@@ -591,7 +593,7 @@ class SessionManager:
                     delay = min(delay * 2, 0.1)
                     token = await self._acquire_store_lock(turn.tenant, key[1])
         turn.lock_token = token
-        turn._refresher = asyncio.create_task(turn._keep_lock())
+        turn._refresher = asyncio.create_task(keep_lock(self.store, turn.tenant, key[1], token, s.lock_ttl_s))
 
     async def _acquire_store_lock(self, tenant: str, session_id: str) -> str | None:
         """One attempt at the store's lock. A caller cancelled meanwhile (its client left) must

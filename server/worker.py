@@ -61,6 +61,7 @@ class JobStream:
     async def __anext__(self) -> Any:
         item = await self._queue.get()
         if item is _DONE:
+            self._job.emit = None  # the job is over; and job -> emit -> stream -> job is a cycle
             try:
                 self._result = await self._future  # re-raises the job's exception
             except Cancelled:
@@ -84,6 +85,7 @@ class JobStream:
         self.stop()
         with anyio.CancelScope(shield=True):
             await asyncio.wait([self._future])
+        self._job.emit = None  # let go of the cycle job -> emit -> stream -> job (and its state)
         if not self._future.cancelled():
             self._future.exception()  # mark it retrieved: a stopped job's error is expected
 

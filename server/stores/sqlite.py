@@ -47,6 +47,8 @@ _META_COLS = ("tenant, session_id, uid, version, created, updated, tokens_absorb
               "state_bytes, checkpoint, dtype, history_total, last_update_norms")
 _PURGE_EVERY = 200  # commits between sweeps of expired sessions
 _BUSY_TIMEOUT_S = 10.0  # how long a write waits for another process's transaction
+_SWEEP_BATCH = 8  # expired sessions deleted per transaction: each one's blob passes through the WAL
+_WAL_LIMIT_BYTES = 64 * 1024 * 1024
 
 
 def sqlite_path(url: str) -> Path:
@@ -73,6 +75,11 @@ class SQLiteStore(StateStore):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(self.path, isolation_level=None, timeout=_BUSY_TIMEOUT_S)
             conn.execute("PRAGMA journal_mode=WAL")
+            # a deleted session's memory is overwritten, not left in free pages (whatever the
+            # build's default); the WAL file is cut back after checkpoints instead of keeping
+            # the size of the largest transaction for good
+            conn.execute("PRAGMA secure_delete=ON")
+            conn.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT_BYTES}")
             conn.executescript(_SCHEMA)
             columns = {row[1] for row in conn.execute("PRAGMA table_info(sessions)")}
             if "last_update_norms" not in columns:  # a file made before that column existed
@@ -222,10 +229,7 @@ class SQLiteStore(StateStore):
 
         def body(db: sqlite3.Connection) -> bool:
             self._drop_expired(db, tenant, session_id)
-            found = db.execute("DELETE FROM sessions WHERE tenant=? AND session_id=?",
-                               (tenant, session_id)).rowcount
-            db.execute("DELETE FROM blobs WHERE tenant=? AND session_id=?", (tenant, session_id))
-            return bool(found)
+            return self._remove(db, tenant, session_id, time.time())
 
         return await self._run(lambda db: self._transaction(db, lambda: body(db)))
 
@@ -300,23 +304,36 @@ class SQLiteStore(StateStore):
         """Sweep expired sessions, if the write lock is free right now. It runs after a commit
         that is already stored, so it must neither fail that commit nor make it wait for another
         process's transaction: a busy database skips the sweep until the next one."""
-        now = time.time()
-        db.execute("PRAGMA busy_timeout=0")
-        try:
-            db.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError:
-            log.debug("sqlite store busy: expired sessions are swept later")
-            return
-        finally:
-            db.execute(f"PRAGMA busy_timeout={int(_BUSY_TIMEOUT_S * 1000)}")
-        try:
-            db.execute("DELETE FROM blobs WHERE (tenant, session_id) IN "
-                       "(SELECT tenant, session_id FROM sessions WHERE expires>0 AND expires<=?)", (now,))
-            db.execute("DELETE FROM sessions WHERE expires>0 AND expires<=?", (now,))
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+        while True:  # in batches, so that no transaction (and the WAL) holds many blobs
+            now = time.time()
+            db.execute("PRAGMA busy_timeout=0")
+            try:
+                db.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError:
+                log.debug("sqlite store busy: expired sessions are swept later")
+                return
+            finally:
+                db.execute(f"PRAGMA busy_timeout={int(_BUSY_TIMEOUT_S * 1000)}")
+            try:
+                expired = db.execute("SELECT tenant, session_id FROM sessions WHERE expires>0 AND expires<=? "
+                                     "LIMIT ?", (now, _SWEEP_BATCH)).fetchall()
+                for tenant, session_id in expired:
+                    SQLiteStore._remove(db, tenant, session_id, now)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            if len(expired) < _SWEEP_BATCH:
+                return
+
+    @staticmethod
+    def _remove(db: sqlite3.Connection, tenant: str, session_id: str, now: float) -> bool:
+        """Delete a session: its row, its blob, and its lock row unless a request holds the lock
+        (the row keeps a fencing counter, which a session that is gone no longer needs)."""
+        found = db.execute("DELETE FROM sessions WHERE tenant=? AND session_id=?", (tenant, session_id)).rowcount
+        db.execute("DELETE FROM blobs WHERE tenant=? AND session_id=?", (tenant, session_id))
+        db.execute("DELETE FROM locks WHERE tenant=? AND session_id=? AND expires<=?", (tenant, session_id, now))
+        return bool(found)
 
     async def close(self) -> None:
         def shut(db: sqlite3.Connection) -> None:

@@ -253,3 +253,31 @@ def test_sqlite_url_paths() -> None:
     assert not sqlite_path("sqlite:///~/hope.db").as_posix().startswith("~")
     with pytest.raises(ValueError):
         sqlite_path("sqlite://host/x.db")
+
+
+async def test_sqlite_keeps_no_lock_rows_of_sessions_that_are_gone(tmp_path) -> None:
+    """The lock table's rows outlive their leases (they keep a fencing counter), but not their
+    sessions: deleted and expired sessions take their lock rows with them, and the sweep removes
+    expired sessions in small transactions (each blob passes through the WAL)."""
+    import sqlite3
+
+    from server.stores.sqlite import SQLiteStore
+
+    store = open_store(f"sqlite:///{tmp_path}/s.db", ttl_s=0.3)
+    try:
+        for i in range(20):
+            token = await store.acquire_lock("acme", f"s{i}", ttl_s=0.1)
+            assert token is not None and await store.commit(record(sid=f"s{i}", state=b"x" * 50_000), 0, token)
+            await store.release_lock("acme", f"s{i}", token)
+        assert await store.delete("acme", "s0")
+        await asyncio.sleep(0.4)
+        await store._run(SQLiteStore._purge)  # what every 200th commit runs
+        db = sqlite3.connect(f"{tmp_path}/s.db")
+        assert db.execute("SELECT count(*) FROM sessions").fetchone()[0] == 0
+        assert db.execute("SELECT count(*) FROM blobs").fetchone()[0] == 0
+        assert db.execute("SELECT count(*) FROM locks").fetchone()[0] == 0
+        db.close()
+        limit = await store._run(lambda db: db.execute("PRAGMA journal_size_limit").fetchone()[0])
+        assert 0 < limit <= 64 * 2**20  # the WAL shrinks back after a large sweep
+    finally:
+        await store.close()
