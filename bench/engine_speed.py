@@ -186,14 +186,10 @@ def run(engine: Engine, levels: list[int], single_tokens: int, concurrent_tokens
     res = EngineResults(str(engine.device), reps=reps)
     if publish:
         publish(res)
-    # on this thread, with the threads the scheduler gets (the caller keeps this one at one
-    # thread for the scheduler's sake), as the baselines it is set beside run
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads or before)
-    try:
-        res.single = single_session(engine, single_tokens, reps, log)
-    finally:
-        torch.set_num_threads(before)
+    # on this thread, at the one torch thread the caller keeps it at: a second multi-threaded
+    # OpenMP team in the process (this thread's, beside the scheduler's) stays and slows every
+    # scheduler step after it by a third (measured: 16 sessions 580 against 860 tokens/s)
+    res.single = single_session(engine, single_tokens, reps, log)
     if not scheduler_available():
         res.note = "hope_core.scheduler is not available"
         log(f"engine concurrency: skipped ({res.note})")

@@ -128,7 +128,8 @@ def _engine(e: EngineResults) -> list[str]:
     if e.single is not None:
         s = e.single
         out += ["## Single-session decode, learning on versus off", "",
-                f"`hope_core.evaluate.decode_speed`: {s.tokens} sampled tokens after a short prompt, one session;"
+                f"`hope_core.evaluate.decode_speed`: {s.tokens} sampled tokens after a short prompt, one session,"
+                " on one torch thread (the benchmark's main thread, kept at one for the scheduler's sake);"
                 f" {e.reps} pairs of back-to-back runs, learning on then off: the best run each way, and the"
                 " median of the pairs' ratios (a slow spell of this shared machine lands on both runs of a pair)."
                 " Through the scheduler: one session as in the next table, decode steps, in the same way.", ""]
