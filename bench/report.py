@@ -255,8 +255,9 @@ def _floor(r: BenchResults) -> list[str]:
         return []
     ms = [1e3 / x for x in (hope_full, hope_narrow, kv_full, kv_narrow)]
     out = ["### Batch 1 before any arithmetic", "",
-           f"The same models with every width divided by {NARROW} (random weights): the same ops on 1/64 of the "
-           "arithmetic, so a narrow model's time per token is what its eager ops cost. HOPE: one session through "
+           f"The same models with every width divided by {NARROW} (random weights): the same ops on about 1/26 of "
+           "the arithmetic (the vocabulary is not narrowed), so a narrow model's time per token is what its "
+           "eager ops cost. HOPE: one session through "
            "the scheduler, learning on (a decode step and a sixteenth of a commit, its re-forward and backward, per "
            "token); the KV loop at batch 1.", ""]
     out += _table(["", "ms per token, full width", f"ms per token, widths / {NARROW}", "narrow / full"],
