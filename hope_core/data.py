@@ -635,13 +635,26 @@ class RereadStream:
     the training split; the evaluation re-reads held-out text).
     """
 
-    def __init__(self, streams: Sequence[TokenStream], passage: tuple[int, int] = (64, 160)) -> None:
+    def __init__(self, streams: Sequence[TokenStream], passage: tuple[int, int] = (64, 160),
+                 window: int | None = None) -> None:
+        """`window`: the model's attention window. A passage is at most seq_len - window tokens,
+        so that no token of the second reading can attend to its copy in the first."""
         self.streams = list(streams)
         self.passage = passage
+        self.window = window
+
+    def passage_range(self, seq_len: int) -> tuple[int, int]:
+        lo, hi = self.passage
+        hi = min(hi, (seq_len + 1) // 2, seq_len - self.window if self.window else hi)
+        if hi < lo:
+            raise ValueError(f"re-read rows of {seq_len} tokens leave no room for a passage of {lo} or more "
+                             f"that the attention window ({self.window}) cannot see twice; raise [train] seq_len "
+                             f"to at least {lo + (self.window or lo)} or drop the reread source")
+        return lo, hi
 
     def sample_batch(self, batch_size: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
         out = torch.empty(batch_size, seq_len + 1, dtype=torch.int64)
-        lo, hi = self.passage
+        lo, hi = self.passage_range(seq_len)
         for i in range(batch_size):
             pick = int(torch.randint(len(self.streams), (1,), generator=generator))
             tokens = self.streams[pick].tokens

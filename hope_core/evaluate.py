@@ -32,7 +32,7 @@ from hope_core.sampling import SamplingParams
 ABLATIONS = {
     "full": Learning(),
     "slow_only": Learning.off(),
-    "fast_only": Learning(titans=True, fast=True, mid=False),
+    "fast_only": Learning(titans=True, fast=True, mid=False),  # the name's "fast": no mid level; Titans writes
     "no_titans": Learning(titans=False, fast=True, mid=True),
 }
 

@@ -132,7 +132,9 @@ def lr_at(tc: TrainConfig, step: int, elapsed_s: float) -> float:
     return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * cos)
 
 
-def build_streams(tc: TrainConfig, tokenizer: HopeTokenizer, split: data.Split) -> data.MixtureStream:
+def build_streams(tc: TrainConfig, tokenizer: HopeTokenizer, split: data.Split,
+                  window: int | None = None) -> data.MixtureStream:
+    """`window`: the model's attention window, which re-read rows must exceed (RereadStream)."""
     cache = Path(tc.cache_dir)
     streams: dict[str, data.TokenStream | data.RereadStream] = {}
     for source in tc.sources:
@@ -150,7 +152,8 @@ def build_streams(tc: TrainConfig, tokenizer: HopeTokenizer, split: data.Split) 
         streams[source] = data.TokenStream.cached(tokenizer, docs, cache, name=f"{source}-{split}")
     if "reread" in tc.sources:
         prose = [st for name, st in streams.items() if name != "synthetic"]
-        streams["reread"] = data.RereadStream(prose)  # type: ignore[arg-type]
+        streams["reread"] = data.RereadStream(prose, window=window)  # type: ignore[arg-type]
+        streams["reread"].passage_range(tc.seq_len)  # refused now, not at the run's first re-read row
     # an episode must be read from its start, or its fact is cut off
     return data.MixtureStream(streams, tc.sources, aligned={"synthetic"} & set(tc.sources),
                               bos_id=tokenizer.bos_id)
@@ -243,7 +246,8 @@ class Progress:
         now = time.time()
         tps = tokens / max(now - self.window_t, 1e-9)
         self.window_t, self.window_tokens = now, 0
-        remaining_steps = (self.tc.steps - step) * (tokens / max(tps, 1e-9)) / max(self.tc.log_every, 1)
+        # the window's seconds per step: after a resume or an evaluation it is not log_every steps
+        remaining_steps = (self.tc.steps - step) * (tokens / max(tps, 1e-9)) / max(step - self.logged_step, 1)
         eta = remaining_steps
         if self.tc.max_minutes > 0:
             eta = min(eta, self.tc.max_minutes * 60 - self.elapsed)
@@ -311,8 +315,8 @@ def train(cfg: HopeConfig, tc: TrainConfig, resume: bool = False) -> Path:
     tokenizer = HopeTokenizer.from_file(tc.tokenizer)
     if tokenizer.vocab_size != cfg.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but vocab_size is {cfg.vocab_size}")
-    train_stream = build_streams(tc, tokenizer, "train")
-    heldout_stream = build_streams(tc, tokenizer, "heldout")
+    train_stream = build_streams(tc, tokenizer, "train", window=cfg.window)
+    heldout_stream = build_streams(tc, tokenizer, "heldout", window=cfg.window)
     if tc.eval_every:  # a held-out stream too short for one sequence: found out now, not at the run's end
         heldout_stream.sample_batch(1, tc.seq_len, torch.Generator().manual_seed(0))
 
@@ -403,10 +407,11 @@ def train(cfg: HopeConfig, tc: TrainConfig, resume: bool = False) -> Path:
                 graph, graph_loss = capture_step(train_step, opt, rank)
             tokens_seen += tc.batch_size * tc.seq_len * world
             window_tokens += tc.batch_size * tc.seq_len * world
-            if step % tc.log_every == 0 or step == tc.steps:
+            evaluate = bool(tc.eval_every) and step % tc.eval_every == 0  # whatever log_every is
+            if step % tc.log_every == 0 or step == tc.steps or evaluate:
                 last_loss = float(loss)
                 extra = None
-                if tc.eval_every and step % tc.eval_every == 0:
+                if evaluate:
                     model.eval()
                     extra = {"heldout_loss": heldout_loss(model, heldout_stream, tc, device, autocast)}
                     save(extra["heldout_loss"])

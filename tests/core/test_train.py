@@ -32,7 +32,8 @@ def tiny_streams(monkeypatch: pytest.MonkeyPatch):
     tokens = np.concatenate([np.concatenate([[0], phrases[i % 8]]) for i in range(600)]).astype(np.uint16)
     stream = data.TokenStream.from_tokens(tokens)
 
-    def fake(tc: train.TrainConfig, tokenizer: HopeTokenizer, split: str) -> data.MixtureStream:
+    def fake(tc: train.TrainConfig, tokenizer: HopeTokenizer, split: str, window: int | None = None
+             ) -> data.MixtureStream:
         return data.MixtureStream({"toy": stream}, {"toy": 1.0})
 
     monkeypatch.setattr(train, "build_streams", fake)
@@ -240,3 +241,26 @@ def test_bad_arguments_are_one_line_errors(tmp_path: Path, capsys: pytest.Captur
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"hope {argv[0]}: error: ") and "\n" not in err, err
 
+
+
+def test_eval_every_need_not_be_a_multiple_of_log_every(tmp_path: Path, tiny_streams: None) -> None:
+    tc = train.TrainConfig(out_dir=str(tmp_path / "run"), seq_len=64, batch_size=2, steps=12, warmup_steps=1,
+                           eval_every=3, eval_batches=1, log_every=2, device="cpu")
+    train.train(TINY, tc)
+    lines = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert sorted({r["step"] for r in lines if "heldout_loss" in r}) == [3, 6, 9, 12]
+
+
+def test_reread_rows_keep_the_first_reading_out_of_the_window() -> None:
+    """A token of the second reading must not attend to its copy in the first: passages are at
+    most seq_len - window tokens, and a sequence with no room for one is refused up front."""
+    rng = np.random.default_rng(0)
+    stream = data.TokenStream.from_tokens(rng.integers(5, 400, size=5000).astype(np.uint16))
+    reread = data.RereadStream([stream], window=256)
+    assert reread.passage_range(384) == (64, 128)
+    rows = reread.sample_batch(20, 384, torch.Generator().manual_seed(0))
+    for row in rows:  # the passage p is the row's prefix repeated at its end
+        p = next(n for n in range(64, 129) if torch.equal(row[:n], row[-n:]) and n <= 128)
+        assert 385 - p > 256
+    with pytest.raises(ValueError, match="seq_len"):
+        data.RereadStream([stream], window=256).passage_range(300)
