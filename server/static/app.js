@@ -43,7 +43,9 @@ function setStatus(text, kind = "") {
 
 function showError(err) {
   if (err instanceof ApiError && err.status === 401) showKeyForm(err.message);
-  setStatus(err.message || String(err), "error");
+  // fetch's own TypeError ("Failed to fetch") means the server could not be reached
+  const message = err instanceof TypeError ? `lost the connection to the server (${err.message})` : err.message;
+  setStatus(message || String(err), "error");
 }
 
 const bytes = (n) => (n >= 1 << 20 ? `${(n / (1 << 20)).toFixed(1)} MiB` : `${(n / 1024).toFixed(1)} KiB`);
@@ -158,6 +160,7 @@ function renderMessage(m) {
   if (m.role === "user" && m.state === "done") {
     const again = el("button", { type: "button", class: "link again", title: "Send this message again" }, "send again");
     again.addEventListener("click", () => {
+      if (state.controller) return; // a reply is streaming: keep what is being typed
       $("input").value = m.text;
       send();
     });
@@ -247,6 +250,7 @@ async function send() {
   $("input").value = "";
   const settings = readSettings();
   const id = state.id;
+  const versionBefore = state.info?.id === id ? state.info.version : 0;
   const user = { role: "user", text, state: "streaming" };
   const reply = { role: "assistant", text: "", pieces: [], losses: [], state: "streaming" };
   appendMessage(user);
@@ -310,14 +314,21 @@ async function send() {
   } finally {
     $("transcript").dataset.chunks = String(chunks);
     state.controller = null;
+    setBusy(false);
+    await refreshInfo();
+    // a Stop (or a lost connection) may come after the server finished and stored the turn: the
+    // chunks that said so were still unread. The session's version tells.
+    if (user.state !== "done" && settings.learn && id === state.id && (state.info?.version ?? 0) > versionBefore) {
+      user.state = reply.state = "done";
+      reply.note = "stopped after the server had finished: stored (the reply shown may be cut short)";
+      setStatus("ready", "ok");
+    }
     updateMessage(user);
     updateMessage(reply);
     if (id === state.id) {
       saveTranscript();
       drawPlot();
     }
-    setBusy(false);
-    await refreshInfo();
     await loadSessions();
   }
 }
@@ -532,7 +543,10 @@ async function connect() {
     }
     return false;
   }
-  if (auth.key) $("key-form").hidden = false;
+  if (auth.key && $("key-form").hidden) { // the key in use, so that "Use key" keeps it
+    $("key-form").hidden = false;
+    $("api-key").value = auth.key;
+  }
   return true;
 }
 
@@ -590,6 +604,10 @@ function wire() {
   document.querySelector(".settings").addEventListener("change", saveSettings);
   $("key-form").addEventListener("submit", async (e) => {
     e.preventDefault();
+    if (state.controller) { // starting over mid-reply would lose the turn from the transcript
+      setStatus("stop the reply or let it finish, then change the key", "error");
+      return;
+    }
     auth.set($("api-key").value);
     await start();
   });

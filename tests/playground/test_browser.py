@@ -290,6 +290,33 @@ def test_stop_ends_the_reply_and_stores_nothing(server: ServerProcess, open_page
     assert httpx.get(f"{server.base_url}/v1/sessions/{sid}").json()["version"] == version + 1
 
 
+def test_a_stop_after_the_server_finished_says_the_turn_was_stored(server: ServerProcess, open_page) -> None:
+    """Stop clicked as the last token shows: the server has already committed, and the chunks that
+    say so are still unread. The page must not say "nothing was stored" (a user would send the
+    turn again, and the session would absorb it twice)."""
+    page = open_page(server.base_url)
+    ready(page)
+    deterministic(page)
+    sid = page.find_element(By.ID, "panel-id").text
+    send(page, "warm up")
+    page.execute_script("""
+      new MutationObserver(() => {  // Stop, the moment the reply shows its 12th (last) token
+        const a = [...document.querySelectorAll('article.msg.assistant')].at(-1);
+        if (a && a.dataset.state === 'streaming' && Number(a.dataset.tokens) >= 12 && !a.dataset.clicked) {
+          a.dataset.clicked = '1'; document.getElementById('stop').click();
+        }
+      }).observe(document.getElementById('transcript'), {subtree: true, attributes: true, childList: true});""")
+    version = httpx.get(f"{server.base_url}/v1/sessions/{sid}").json()["version"]
+    page.find_element(By.ID, "input").send_keys("a turn stopped too late")
+    page.find_element(By.ID, "send").click()
+    wait(page, lambda d: d.find_element(By.ID, "send").is_displayed()
+         and d.find_elements(By.CSS_SELECTOR, "article.msg.assistant")[-1].get_attribute("data-state") != "streaming")
+    wait(page, lambda d: d.find_element(By.ID, "panel-id").text == sid)
+    stored = httpx.get(f"{server.base_url}/v1/sessions/{sid}").json()["version"] > version
+    last = page.find_elements(By.CSS_SELECTOR, "article.msg")[-1]
+    wait(page, lambda d: ("stored" in last.text) and (("nothing was stored" in last.text) != stored))
+
+
 def test_characters_split_over_tokens_read_as_typed(server: ServerProcess, open_page) -> None:
     text = "Crème brûlée ☕ at 7 — 日本語 🙂 ok"
     page = open_page(server.base_url)
