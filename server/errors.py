@@ -8,13 +8,14 @@ route, wrong method) and anything unexpected into that shape, and count the fail
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.stores.base import StoreFull, StoreUnavailable
 
@@ -171,7 +172,6 @@ def install_error_handlers(app: FastAPI, count_failure, retry_after: int,
         count_failure(request, err.reason)
         return err.response()
 
-    @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", extra={"path": request.url.path})
         if getattr(request.scope.get(TURN_SCOPE_KEY), "stored", False):  # a retry would absorb it twice
@@ -181,3 +181,34 @@ def install_error_handlers(app: FastAPI, count_failure, retry_after: int,
             err = APIError(500, "internal server error", code="internal_error")
         count_failure(request, err.reason)
         return err.response()
+
+    app.add_middleware(UnexpectedErrors, answer=_unexpected)
+
+
+class UnexpectedErrors:
+    """An exception no handler answered becomes a 500 in OpenAI's format, answered here rather
+    than by Starlette's ServerErrorMiddleware: that one raises again after answering, uvicorn
+    then drops the connection without having said so, and a keep-alive client (nginx's upstream
+    pool among them) sends its next request into a reset socket, which nginx answers 502 for a
+    POST it cannot retry. Added first, so it sits inside every other middleware."""
+
+    def __init__(self, app: ASGIApp, answer: Callable[[Request, Exception], Awaitable[JSONResponse]]) -> None:
+        self.app, self.answer = app, answer
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def watched_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched_send)
+        except Exception as exc:
+            if started:  # a response under way cannot become an error: the connection must go
+                raise
+            response = await self.answer(Request(scope), exc)
+            await response(scope, receive, send)

@@ -213,3 +213,31 @@ def test_sigkill_and_restart_continue_from_last_commit(start_server, tmp_path, r
     out = turn(second, "third, again")  # waits out the dead server's lock lease, then continues
     assert out["session"]["version"] == committed["version"] + 1
     assert out["session"]["tokens_absorbed"] > committed["tokens_absorbed"]
+
+
+def test_a_500_keeps_the_connection_usable(tiny_checkpoint, tmp_path) -> None:
+    """An unexpected error (here: a Redis user not allowed a command the commit script runs) is a
+    500 in OpenAI's format on a connection that stays open: nginx keeps its upstream connections
+    alive, and one dropped after an unannounced close turns the next client's POST into a 502."""
+    import redis
+
+    from tests.server.support import own_redis
+
+    with own_redis(tmp_path) as (url, _):
+        admin = redis.Redis.from_url(url)
+        admin.execute_command("ACL", "SETUSER", "limited", "on", ">pw", "~*", "+@all", "-hmget")
+        admin.close()
+        server = ServerProcess(tiny_checkpoint, url.replace("redis://", "redis://limited:pw@"),
+                               tmp_path / "server.log")
+        try:
+            with httpx.Client(base_url=server.base_url, timeout=30) as client:
+                body = {"model": "hope", "session_id": "s", "max_tokens": 2,
+                        "messages": [{"role": "user", "content": "hi"}]}
+                failed = client.post("/v1/chat/completions", json=body)
+                assert failed.status_code == 500 and failed.json()["error"]["code"] == "internal_error"
+                # the same connection, at once: a 400 for a bad body, not a reset
+                again = client.post("/v1/chat/completions", json={"model": "hope", "messages": []})
+                assert again.status_code == 400
+                assert failed.extensions["network_stream"] is again.extensions["network_stream"]
+        finally:
+            server.stop()

@@ -281,3 +281,39 @@ async def test_sqlite_keeps_no_lock_rows_of_sessions_that_are_gone(tmp_path) -> 
         assert 0 < limit <= 64 * 2**20  # the WAL shrinks back after a large sweep
     finally:
         await store.close()
+
+
+def _documented_redis_commands() -> list[str]:
+    """The commands docs/deploy.md tells an operator to allow a managed Redis's ACL user."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "deploy.md").read_text()
+    start = text.index("Lua scripting (`EVALSHA`, `SCRIPT LOAD`) allowed for the ACL user, plus `")
+    listed = text[start:].split("plus `", 1)[1].split("`", 1)[0]
+    return ["EVALSHA", "SCRIPT|LOAD", *re.split(r"\s+", listed.strip())]
+
+
+async def test_the_documented_redis_acl_is_enough(tmp_path) -> None:
+    """Every store operation as a Redis user allowed exactly the documented commands (a script's
+    own commands are checked against the user too)."""
+    with own_redis(tmp_path) as (url, _):
+        admin = redis.Redis.from_url(url)
+        admin.execute_command("ACL", "SETUSER", "hope", "on", ">pw", "~*", "-@all",
+                              *[f"+{c.lower()}" for c in _documented_redis_commands()])
+        admin.close()
+        store = open_store(url.replace("redis://", "redis://hope:pw@") + "?prefix=acl", ttl_s=60)
+        try:
+            await store.ping()
+            token = await store.acquire_lock("acme", "s1", ttl_s=5)
+            assert token is not None and await store.refresh_lock("acme", "s1", token, ttl_s=5)
+            assert await store.commit(record(), 0, token)
+            assert await store.commit(record(version=2), 1, token)
+            await store.release_lock("acme", "s1", token)
+            assert await store.create(record(sid="fork", version=2))
+            assert (await store.load("acme", "s1")).meta.version == 2
+            assert (await store.get_meta("acme", "fork")).version == 2
+            assert [m.session_id for m in (await store.list("acme")).sessions] == ["fork", "s1"]
+            assert await store.delete("acme", "fork")
+        finally:
+            await store.close()
