@@ -89,6 +89,9 @@ def test_lr_schedule_warms_up_then_decays_by_steps_or_time() -> None:
     assert train.lr_at(tc, 100, 0) == pytest.approx(0.1)
     tc.max_minutes = 1.0  # half the time gone is half the schedule, whatever the step
     assert train.lr_at(tc, 20, 30) == pytest.approx(0.55)  # time says half, steps say 1/9
+    # the time budget's decay counts from the end of the warm-up, as the steps' does: no drop there
+    assert train.lr_at(tc, 10, 12, warmup_s=12) == pytest.approx(1.0)
+    assert train.lr_at(tc, 20, 36, warmup_s=12) == pytest.approx(0.55)  # half of the 48 s left
 
 
 def test_config_file_rejects_unknown_keys(tmp_path: Path) -> None:
