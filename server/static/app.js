@@ -317,8 +317,14 @@ async function send() {
     setBusy(false);
     await refreshInfo();
     // a Stop (or a lost connection) may come after the server finished and stored the turn: the
-    // chunks that said so were still unread. The session's version tells.
-    if (user.state !== "done" && settings.learn && id === state.id && (state.info?.version ?? 0) > versionBefore) {
+    // chunks that said so were still unread. The session's version tells, once the commit that
+    // may be under way has landed: asked again for a second before "nothing was stored".
+    const stored = () => id === state.id && (state.info?.version ?? 0) > versionBefore;
+    for (let i = 0; user.state !== "done" && settings.learn && !stored() && i < 5; i++) {
+      await new Promise((resolve) => setTimeout(resolve, 200));
+      await refreshInfo();
+    }
+    if (user.state !== "done" && settings.learn && stored()) {
       user.state = reply.state = "done";
       reply.note = "stopped after the server had finished: stored (the reply shown may be cut short)";
       setStatus("ready", "ok");
