@@ -112,15 +112,15 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         if request.url.path.startswith("/v1/"):
             get_tenant(request, ctx)
 
-    install_error_handlers(app, count_failure, settings.overload_retry_after_s, authenticate)
+    unexpected = install_error_handlers(app, count_failure, settings.overload_retry_after_s, authenticate)
     for module in (chat, completions, models, sessions, health):
         app.include_router(module.router)
     if settings.playground:
         app.include_router(playground.router)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, state_limit=settings.max_state_bytes,
                        on_refuse=lambda: ctx.metrics.request_failure.labels("too_large").inc())
-    app.add_middleware(ShutdownAnswer, retry_after=settings.overload_retry_after_s,
-                       on_answer=lambda: ctx.metrics.request_failure.labels("shutdown").inc())
+    app.add_middleware(LastAnswer, retry_after=settings.overload_retry_after_s, unexpected=unexpected,
+                       on_shutdown=lambda: ctx.metrics.request_failure.labels("shutdown").inc())
     return app
 
 
@@ -132,17 +132,24 @@ def _count_step(metrics: Metrics, stats: StepStats) -> None:
         metrics.batch_size.observe(stats.decoded)
 
 
-class ShutdownAnswer:
-    """A request still running when the server stops past its graceful period is cancelled by
-    uvicorn, which then answers a plain-text 500. Before anything was sent, it gets OpenAI's
-    error instead: 503 `shutting_down`. Usually the request committed nothing (its turn gave
-    back its locks as it was cancelled): then Retry-After, since another replica can serve it.
-    A request cut during its commit waited for it (Turn.commit): if the commit was stored, or
-    may have been, a retry would absorb the request twice, so the answer says so and asks for
-    no retry (`x-should-retry: false`)."""
+class LastAnswer:
+    """The answer to a request that ended without one, given in OpenAI's format on a connection
+    that stays usable, if nothing was sent yet.
 
-    def __init__(self, app: ASGIApp, retry_after: int, on_answer) -> None:
-        self.app, self.retry_after, self.on_answer = app, retry_after, on_answer
+    * An unexpected exception: the 500 of `unexpected` (server.errors). Starlette's own handler
+      raises again after answering, uvicorn then drops the connection unannounced, and a
+      keep-alive client (nginx's upstream pool) sends its next request into a reset socket, which
+      nginx answers 502 for a POST it cannot retry.
+    * A request still running when the server stops past its graceful period, which uvicorn
+      cancels (and would answer with a plain-text 500): 503 `shutting_down`. Usually it committed
+      nothing (its turn gave back its locks as it was cancelled): then Retry-After, since another
+      replica can serve it. One cut during its commit waited for it (Turn.commit): if the commit
+      was stored, or may have been, a retry would absorb the request twice, so the answer says so
+      and asks for no retry (`x-should-retry: false`).
+    """
+
+    def __init__(self, app: ASGIApp, retry_after: int, unexpected, on_shutdown) -> None:
+        self.app, self.retry_after, self.unexpected, self.on_shutdown = app, retry_after, unexpected, on_shutdown
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -156,12 +163,16 @@ class ShutdownAnswer:
 
         try:
             await self.app(scope, receive, watched_send)
-        except asyncio.CancelledError:
-            if started:
+        except (asyncio.CancelledError, Exception) as exc:
+            if started:  # a response under way cannot become another: the connection must go
                 raise
-            # the cancellation has done its work (the request unwound); answering is all that is left
-            self.on_answer()
-            await self.answer(scope.get(TURN_SCOPE_KEY)).response()(scope, receive, send)
+            if isinstance(exc, asyncio.CancelledError):
+                # the cancellation has done its work (the request unwound); answering is all that is left
+                self.on_shutdown()
+                response = self.answer(scope.get(TURN_SCOPE_KEY)).response()
+            else:
+                response = await self.unexpected(Request(scope), exc)
+            await response(scope, receive, send)
 
     def answer(self, turn: Turn | None) -> APIError:
         outcome = turn.interrupted_commit if turn is not None else None

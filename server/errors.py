@@ -15,7 +15,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.stores.base import StoreFull, StoreUnavailable
 
@@ -126,11 +125,13 @@ def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
 
 
 def install_error_handlers(app: FastAPI, count_failure, retry_after: int,
-                           authenticate: Callable[[Request], object] | None = None) -> None:
+                           authenticate: Callable[[Request], object] | None = None
+                           ) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
     """`count_failure(request, reason)` is called once for every error answer. `authenticate`
     raises APIError for a request without a valid key: a malformed request is refused as
     unauthenticated first, as a well-formed one is, so the body's errors tell a caller without
-    a key nothing."""
+    a key nothing. Returns the answer to an unexpected exception, a 500, for a middleware to give
+    (server.app.LastAnswer): Starlette's own last-resort handler raises again after answering."""
 
     @app.exception_handler(StoreUnavailable)
     async def _store(request: Request, exc: StoreUnavailable) -> JSONResponse:
@@ -182,33 +183,4 @@ def install_error_handlers(app: FastAPI, count_failure, retry_after: int,
         count_failure(request, err.reason)
         return err.response()
 
-    app.add_middleware(UnexpectedErrors, answer=_unexpected)
-
-
-class UnexpectedErrors:
-    """An exception no handler answered becomes a 500 in OpenAI's format, answered here rather
-    than by Starlette's ServerErrorMiddleware: that one raises again after answering, uvicorn
-    then drops the connection without having said so, and a keep-alive client (nginx's upstream
-    pool among them) sends its next request into a reset socket, which nginx answers 502 for a
-    POST it cannot retry. Added first, so it sits inside every other middleware."""
-
-    def __init__(self, app: ASGIApp, answer: Callable[[Request, Exception], Awaitable[JSONResponse]]) -> None:
-        self.app, self.answer = app, answer
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        started = False
-
-        async def watched_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, receive, watched_send)
-        except Exception as exc:
-            if started:  # a response under way cannot become an error: the connection must go
-                raise
-            response = await self.answer(Request(scope), exc)
-            await response(scope, receive, send)
+    return _unexpected

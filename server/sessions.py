@@ -328,7 +328,7 @@ class Turn:
     # what became of a commit that the request's cancellation interrupted (uvicorn cancels
     # requests still running past its graceful period): "stored" (the request then goes on to
     # its answer), "not_stored" or "unknown"; None while no commit was interrupted.
-    # ShutdownAnswer says it to a client that gets no answer.
+    # LastAnswer (server.app) says it to a client that gets no answer.
     interrupted_commit: str | None = field(init=False, default=None)
     stored: bool = field(init=False, default=False)  # a commit of this turn is in the store
     _uid: str = field(default_factory=lambda: uuid.uuid4().hex)
