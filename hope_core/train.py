@@ -503,7 +503,14 @@ def capture_step(train_step, opt: torch.optim.Optimizer, rank: int
     """Capture one whole training step (PyTorch's whole-network recipe: gradients set to None
     before capture are allocated inside the graph). After three eager steps have warmed the
     optimiser state (plus one on a side stream). Falls back to eager steps (returns None) if
-    capture fails."""
+    capture fails. Either way the weights and optimiser state are left as they were."""
+    # The warm-up is a real optimiser step the loop does not count: left in, the first counted
+    # step would start from moved weights, and a run would end elsewhere than its eager twin or
+    # itself stopped and resumed (which captures at another step). So it is undone, in place:
+    # the graph reads and writes these very tensors. The optimiser holds every parameter.
+    tensors = [p for group in opt.param_groups for p in group["params"]]
+    tensors += [v for state in opt.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+    saved = [t.detach().clone() for t in tensors]
     try:
         side = torch.cuda.Stream()  # warm up on a side stream, as capture will run there too
         side.wait_stream(torch.cuda.current_stream())
@@ -517,13 +524,16 @@ def capture_step(train_step, opt: torch.optim.Optimizer, rank: int
             loss = train_step()
         if rank == 0:
             print("training step captured as a CUDA graph", file=sys.stderr, flush=True)
-        return graph, loss
     except Exception as e:  # e.g. an op that syncs with the host: train eagerly
         print(f"CUDA graph capture failed ({type(e).__name__}: {e}); training eagerly",
               file=sys.stderr, flush=True)
         torch.cuda.synchronize()
         opt.zero_grad(set_to_none=True)
-        return None, None
+        graph, loss = None, None
+    with torch.no_grad():
+        for t, before in zip(tensors, saved):
+            t.copy_(before)
+    return graph, loss
 
 
 def summarize(run_dir: str | Path, every: int = 50) -> str:

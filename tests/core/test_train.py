@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -267,3 +269,72 @@ def test_reread_rows_keep_the_first_reading_out_of_the_window() -> None:
         assert 385 - p > 256
     with pytest.raises(ValueError, match="seq_len"):
         data.RereadStream([stream], window=256).passage_range(300)
+
+
+class _CpuCudaGraph:
+    """Stand-ins for the CUDA calls of `train.capture_step`, so that its warm-up and capture run
+    on the CPU: streams order nothing, and "capturing" runs the step eagerly (the worst case: a
+    real capture records the step without running it). `fail` makes the capture raise."""
+
+    def __init__(self, fail: bool) -> None:
+        self.fail = fail
+
+    def wait_stream(self, other: object) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def capture(self, graph: object) -> Iterator[None]:
+        if self.fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        yield
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(torch.cuda, "Stream", lambda: self)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda: self)
+        monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
+        monkeypatch.setattr(torch.cuda, "graph", self.capture)
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+
+
+@pytest.mark.parametrize("how", ["captured", "capture fails", "resumed, then captured"])
+def test_capturing_the_training_step_moves_no_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      how: str) -> None:
+    """The warm-up before a CUDA graph capture takes a real optimizer step that the loop does
+    not count: the weights and the optimizer state (its step counts too) must be as they were,
+    or a `cuda_graph` run ends elsewhere than its eager twin and than itself stopped and resumed."""
+    torch.manual_seed(0)
+    tc = train.TrainConfig(lr=3e-3)
+    model = HopeLM(TINY)
+    opt = train.make_optimizer(model, tc)
+    batch = torch.randint(5, 400, (2, 33))
+
+    def train_step() -> torch.Tensor:  # as `train.train` builds it
+        loss = model(batch[:, :-1], batch[:, 1:]).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        opt.step()
+        return loss.detach()
+
+    for _ in range(3):  # the eager steps before the capture
+        opt.zero_grad(set_to_none=True)
+        train_step()
+    if how == "resumed, then captured":  # the resume point's weights and state, then one step
+        train.save_trainer_state(tmp_path, opt, {"step": 3})
+        weights = {k: v.clone() for k, v in model.state_dict().items()}
+        model = HopeLM(TINY)
+        model.load_state_dict(weights)
+        opt = train.make_optimizer(model, tc)
+        train.load_trainer_state(tmp_path, opt)
+        opt.zero_grad(set_to_none=True)
+        train_step()
+    before = [p.detach().clone() for p in model.parameters()]
+    state_before = {i: {k: v.clone() for k, v in st.items()} for i, st in opt.state_dict()["state"].items()}
+    _CpuCudaGraph(fail=how == "capture fails").install(monkeypatch)
+    graph, _ = train.capture_step(train_step, opt, rank=0)
+    assert (graph is None) == (how == "capture fails")
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    state_after = opt.state_dict()["state"]
+    assert state_after.keys() == state_before.keys()
+    for i, st in state_before.items():
+        assert all(torch.equal(v, state_after[i][k]) for k, v in st.items()), i
