@@ -22,7 +22,7 @@ from torch import Tensor
 
 from hope_core.checkpoint import Checkpoint, load_checkpoint
 from hope_core.model import LEVELS, ChunkMetrics, HopeLM, Learning, State
-from hope_core.sampling import SamplingParams, StopMatcher, sample
+from hope_core.sampling import Alternatives, SamplingParams, StopMatcher, alternatives_of, sample, top_alternatives
 from hope_core.state import SessionState
 
 
@@ -39,6 +39,7 @@ class UpdateRecord:
 class AbsorbResult:
     logprobs: list[float]  # log p(token_i | everything before it), one per absorbed token
     updates: list[UpdateRecord] = field(default_factory=list)
+    top: list[Alternatives] = field(default_factory=list)  # per token, when asked for
 
 
 @dataclass
@@ -47,6 +48,7 @@ class PromptAbsorbed:
 
     token_ids: list[int]
     logprobs: list[float]
+    top: list[Alternatives] = field(default_factory=list)  # per token, when the job asked for them
 
 
 @dataclass
@@ -54,6 +56,7 @@ class TokenEvent:
     token_id: int
     text: str  # text that became final with this token (may be empty: held back or partial UTF-8)
     logprob: float
+    top: Alternatives = field(default_factory=list)  # `params.top_logprobs` most likely tokens
 
 
 @dataclass
@@ -63,6 +66,7 @@ class GenerationResult:
     finish_reason: str  # "stop" or "length"
     logprobs: list[float]
     updates: list[UpdateRecord]
+    top_logprobs: list[Alternatives] = field(default_factory=list)  # per token, when asked for
 
 
 class Generation:
@@ -102,14 +106,17 @@ class TextStream:
         self.stops = StopMatcher(params.stop)
         self.ids: list[int] = []
         self.logprobs: list[float] = []
+        self.top: list[Alternatives] = []
         self.text = ""
         self.finish = "length"
         self.finished = params.max_tokens == 0
 
-    def push(self, tok: int, lp: float) -> TokenEvent:
+    def push(self, tok: int, lp: float, top: Alternatives | None = None) -> TokenEvent:
         """Account for one generated (and already absorbed) token; returns its event."""
         self.ids.append(tok)
         self.logprobs.append(lp)
+        top = top or []
+        self.top.append(top)
         if tok in self.stop_ids:
             out = self.stops.push(self.decoder.flush())[0] + self.stops.flush()
             self.finish, self.finished = "stop", True
@@ -122,10 +129,14 @@ class TextStream:
                 self.finish = "stop"
             self.finished = hit or len(self.ids) >= self.params.max_tokens
         self.text += out
-        return TokenEvent(tok, out, lp)
+        return TokenEvent(tok, out, lp, top)
 
     def result(self, updates: list[UpdateRecord]) -> GenerationResult:
-        return GenerationResult(self.ids, self.text, self.finish, self.logprobs, updates)
+        top = self.top if self.params.top_logprobs else []
+        return GenerationResult(self.ids, self.text, self.finish, self.logprobs, updates, top)
+
+
+Scored = tuple[list[list[float]], list[list[Alternatives]]]  # per row: logprobs, alternatives
 
 
 def _learning(learn: bool | Learning) -> Learning:
@@ -182,11 +193,12 @@ class Engine:
     # ---- absorbing -----------------------------------------------------------------------
 
     def absorb(self, session: SessionState, tokens: Sequence[int],
-               learn: bool | Learning = True, score: bool = True) -> AbsorbResult:
+               learn: bool | Learning = True, score: bool = True, alternatives: int = 0) -> AbsorbResult:
         """Append tokens to the session's stream; chunks that close on the way are learned.
 
         With `score=False` no log-probabilities are computed (generation already has the
-        sampled token's from the logits it sampled from)."""
+        sampled token's from the logits it sampled from); with `alternatives` each token also
+        gets that many of the most likely tokens at its position."""
         learning = _learning(learn)
         C, vocab = self.cfg.chunk, self.cfg.vocab_size
         tokens = list(tokens)
@@ -195,23 +207,28 @@ class Engine:
         toks = torch.tensor([tokens], dtype=torch.long, device=self.device)
         state = session.state
         logprobs: list[float] = []
+        top: list[Alternatives] = []
         updates: list[UpdateRecord] = []
         n_open = int(state.n_open[0])  # tracked here: one device read per call, not per piece
         pos = 0
         while pos < len(tokens):
             take = min(C - n_open, len(tokens) - pos)
-            state, recs, lps = self._absorb_piece(state, toks[:, pos:pos + take], learning,
-                                                  closes=n_open + take == C, score=score)
+            state, recs, scored = self._absorb_piece(state, toks[:, pos:pos + take], learning,
+                                                     closes=n_open + take == C, score=score,
+                                                     alternatives=alternatives)
             updates += recs.get(0, [])
-            logprobs += lps[0] if score else []
+            if scored is not None:
+                logprobs += scored[0][0]
+                top += scored[1][0]
             n_open = (n_open + take) % C
             pos += take
         session.state = state
-        return AbsorbResult(logprobs, updates)
+        return AbsorbResult(logprobs, updates, top)
 
     def absorb_batch(self, sessions: Sequence[SessionState], pieces: Sequence[Sequence[int]],
-                     learn: bool | Learning = True) -> list[AbsorbResult]:
-        """`absorb(sessions[i], pieces[i])` for every i in one batched forward (batched prefill).
+                     learn: bool | Learning = True, alternatives: int = 0) -> list[AbsorbResult]:
+        """`absorb(sessions[i], pieces[i], alternatives=...)` for every i in one batched forward
+        (batched prefill).
 
         The pieces have one length and none crosses a chunk boundary (each session's open
         tokens plus its piece fit in one chunk); pieces that close a chunk are learned together.
@@ -229,18 +246,20 @@ class Engine:
         batch = State.cat([s.state for s in sessions])
         if bool((batch.n_open + T > C).any()):
             raise ValueError("a piece crosses a chunk boundary")
-        done, recs, lps = self._absorb_piece(batch, toks, learning, closes=bool((batch.n_open + T == C).any()))
+        done, recs, scored = self._absorb_piece(batch, toks, learning, closes=bool((batch.n_open + T == C).any()),
+                                                alternatives=alternatives)
+        assert scored is not None
         results = []
         for i, (session, row) in enumerate(zip(sessions, done.rows())):
             session.state = row
-            results.append(AbsorbResult(lps[i], recs.get(i, [])))
+            results.append(AbsorbResult(scored[0][i], recs.get(i, []), scored[1][i]))
         return results
 
-    def _absorb_piece(self, state: State, toks: Tensor, learning: Learning, closes: bool, score: bool = True
-                      ) -> tuple[State, dict[int, list[UpdateRecord]], list[list[float]]]:
+    def _absorb_piece(self, state: State, toks: Tensor, learning: Learning, closes: bool, score: bool = True,
+                      alternatives: int = 0) -> tuple[State, dict[int, list[UpdateRecord]], Scored | None]:
         """Tokens [B, T] into every row, none crossing a chunk boundary; `closes`: whether some
         row's chunk closes (the caller knows). Returns the new state, each committed row's
-        updates and, with `score`, each row's log-probabilities."""
+        updates and, with `score`, each row's log-probabilities (and alternatives)."""
         prev = state.last_hidden[:, None]
         T, C = toks.shape[1], self.cfg.chunk
         with torch.no_grad(), self.amp():
@@ -262,8 +281,8 @@ class Engine:
                 recs = {}
                 if closes:
                     state, recs = self._commit(state, learning)
-            lps = self._logprobs(torch.cat([prev, hidden[:, :-1]], 1), toks) if score else []
-        return state, recs, lps
+            scored = self._logprobs(torch.cat([prev, hidden[:, :-1]], 1), toks, alternatives) if score else None
+        return state, recs, scored
 
     def _commit(self, state: State, learning: Learning
                 ) -> tuple[State, dict[int, list[UpdateRecord]]]:
@@ -276,9 +295,14 @@ class Engine:
         recs = {} if metrics is None else {row: _records(metrics, i) for i, row in enumerate(full.tolist())}
         return (done if every else state.scatter(full, done)), recs
 
-    def _logprobs(self, hidden: Tensor, targets: Tensor) -> list[list[float]]:
+    def _logprobs(self, hidden: Tensor, targets: Tensor, alternatives: int = 0) -> Scored:
+        """Each row's log-probabilities of `targets` [B, T] and, per token, its alternatives."""
         logp = F.log_softmax(self.model.logits(hidden).float(), -1)
-        return logp.gather(-1, targets[..., None])[..., 0].tolist()
+        lps = logp.gather(-1, targets[..., None])[..., 0].tolist()
+        if not alternatives:
+            return lps, [[] for _ in lps]
+        ids, values = top_alternatives(logp, alternatives)
+        return lps, [alternatives_of(i, v, alternatives) for i, v in zip(ids.tolist(), values.tolist())]
 
     # ---- generating ----------------------------------------------------------------------
 
@@ -304,12 +328,17 @@ class Engine:
         updates = self.absorb(session, prompt, learning).updates if prompt else []
         gen = params.generator()
         text = TextStream(self.tokenizer, params)
+        k = params.top_logprobs
         while not text.finished:
             logits = self.next_logits(session)
             tok = sample(logits, params, gen)
-            lp = float(F.log_softmax(logits, -1)[tok])
+            logp = F.log_softmax(logits, -1)
+            top: Alternatives = []
+            if k:
+                ids, values = top_alternatives(logp, k)
+                top = list(zip(ids.tolist(), values.tolist(), strict=True))
             updates += self.absorb(session, [tok], learning, score=False).updates
-            yield text.push(tok, lp)
+            yield text.push(tok, float(logp[tok]), top)
         holder.append(text.result(updates))
 
     # ---- several sessions in one step --------------------------------------------------------

@@ -49,7 +49,7 @@ import torch
 
 from hope_core.engine import GenerationResult, PromptAbsorbed, TokenEvent, UpdateRecord
 from hope_core.model import Learning, State
-from hope_core.sampling import SamplingParams
+from hope_core.sampling import Alternatives, SamplingParams
 from hope_core.scheduler import Cancelled, Job, JobResult, StepStats
 from hope_core.state import SessionState
 
@@ -164,23 +164,30 @@ def _learning_from_wire(learn: bool | dict[str, bool]) -> bool | Learning:
 
 def _item_to_wire(item: object) -> list[Any]:
     if isinstance(item, TokenEvent):
-        return ["token", item.token_id, item.text, item.logprob]
+        return ["token", item.token_id, item.text, item.logprob, item.top]
     if isinstance(item, PromptAbsorbed):
-        return ["prompt", item.token_ids, item.logprobs]
+        return ["prompt", item.token_ids, item.logprobs, item.top]
     raise TypeError(f"cannot send {type(item).__name__}")
+
+
+def _alternatives(rows: list[list[list[Any]]]) -> list[Alternatives]:
+    """Alternatives as JSON gave them back: each (id, logprob) pair a list."""
+    return [[(int(t), float(lp)) for t, lp in row] for row in rows]
 
 
 def _item_from_wire(item: list[Any]) -> object:
     if item[0] == "token":
-        return TokenEvent(*item[1:])
-    return PromptAbsorbed(*item[1:])
+        return TokenEvent(*item[1:4], top=_alternatives([item[4]])[0])
+    return PromptAbsorbed(*item[1:3], top=_alternatives(item[3]))
 
 
 def _result_from_wire(d: dict[str, Any]) -> JobResult:
     gen = d["generation"]
     if gen is not None:
-        gen = GenerationResult(**{**gen, "updates": [UpdateRecord(**u) for u in gen["updates"]]})
-    return JobResult(d["prompt_logprobs"], gen, [UpdateRecord(**u) for u in d["updates"]])
+        gen = GenerationResult(**{**gen, "updates": [UpdateRecord(**u) for u in gen["updates"]],
+                                  "top_logprobs": _alternatives(gen["top_logprobs"])})
+    return JobResult(d["prompt_logprobs"], gen, [UpdateRecord(**u) for u in d["updates"]],
+                     _alternatives(d["prompt_top"]))
 
 
 # ---- the parent's side ----------------------------------------------------------------------------
@@ -301,6 +308,12 @@ class EngineProcess:
         """Jobs in flight."""
         return len(self._jobs)
 
+    @property
+    def queued(self) -> int:
+        """Jobs waiting for a row in the child's batch. The child's queue is not seen from here:
+        those beyond its `max_batch` wait (it admits from the queue whenever a row is free)."""
+        return max(len(self._jobs) - self._config["max_batch"], 0)
+
     # ---- jobs -------------------------------------------------------------------------------------
 
     def submit(self, job: Job) -> Future[JobResult]:
@@ -327,7 +340,8 @@ class EngineProcess:
         # if the child dies before it reads this, the reader fails the job (it is in the table)
         self._post({"op": "submit", "id": jid, "slot": slot, "fresh": fresh, "prompt": list(job.prompt),
                     "params": asdict(job.params), "learn": _learning_to_wire(job.learn),
-                    "close_turn": job.close_turn, "fingerprint": job.session.fingerprint,
+                    "close_turn": job.close_turn, "prompt_alternatives": job.prompt_alternatives,
+                    "fingerprint": job.session.fingerprint,
                     "version": job.session.version})
         return future
 
@@ -505,7 +519,7 @@ class _Core:
         job = Job(SessionState(state, msg["fingerprint"], msg["version"]), msg["prompt"],
                   SamplingParams(**msg["params"]), _learning_from_wire(msg["learn"]), msg["close_turn"],
                   emit=lambda item: self.items.append(["emit", jid, _item_to_wire(item)]),
-                  cancel=threading.Event())
+                  cancel=threading.Event(), prompt_alternatives=msg["prompt_alternatives"])
         try:
             future = self.scheduler.submit(job)
         except Exception as e:

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat
+
 
 @dataclass
 class SamplingParams:
@@ -19,6 +21,7 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
+    top_logprobs: int = 0  # alternatives reported with each generated token (most likely first)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 0:
@@ -29,6 +32,8 @@ class SamplingParams:
             raise ValueError("top_p must be in [0, 1]")
         if self.top_k < 0:
             raise ValueError("top_k must be >= 0")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]")
 
     def generator(self) -> random.Random | None:
         """The request's own random numbers (one uniform per sampled token), or None: unseeded."""
@@ -88,6 +93,23 @@ def pick_tokens(logits: Tensor, params: list[SamplingParams],
     cdf = torch.cumsum(torch.softmax(scaled, -1), -1)
     pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp_max(V - 1)[:, 0]
     return torch.where(greedy.to(dev), logits.argmax(-1), pick)
+
+
+Alternatives = list[tuple[int, float]]  # (token id, log-probability), most likely first
+
+
+def top_alternatives(logp: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k most likely tokens of each row of log-probabilities [..., V]: (ids, logprobs),
+    most likely first. Ties go to the lower id, so the list does not depend on the batch."""
+    k = min(k, logp.shape[-1])
+    # a stable descending sort keeps equal values in id order, which topk does not promise
+    values, ids = torch.sort(logp, dim=-1, descending=True, stable=True)
+    return ids[..., :k], values[..., :k]
+
+
+def alternatives_of(ids: list[list[int]], logps: list[list[float]], k: int) -> list[Alternatives]:
+    """Rows of `top_alternatives` read to the host, cut to each row's first k."""
+    return [list(zip(i[:k], lp[:k], strict=True)) for i, lp in zip(ids, logps, strict=True)]
 
 
 class StopMatcher:

@@ -44,7 +44,7 @@ from hope_core.engine import (
     _records,
 )
 from hope_core.model import Learning, State
-from hope_core.sampling import SamplingParams, pick_tokens
+from hope_core.sampling import Alternatives, SamplingParams, pick_tokens, top_alternatives
 from hope_core.state import SessionState
 
 log = logging.getLogger("hope.scheduler")
@@ -61,6 +61,7 @@ class Job:
     close_turn: int | None = None  # absorbed after a reply that did not end on a stop token
     emit: Emit | None = None
     cancel: threading.Event | None = None  # set: drop the job before its next piece of work
+    prompt_alternatives: int = 0  # the most likely tokens reported at each prompt token's position
 
 
 class Cancelled(Exception):
@@ -72,6 +73,7 @@ class JobResult:
     prompt_logprobs: list[float]
     generation: GenerationResult | None  # None when max_tokens is 0 (scoring only)
     updates: list[UpdateRecord] = field(default_factory=list)
+    prompt_top: list[Alternatives] = field(default_factory=list)  # with `Job.prompt_alternatives`
 
 
 @dataclass
@@ -90,6 +92,7 @@ class _Running:
         self.learning = _learning(job.learn)
         self.pos = 0  # prompt tokens absorbed
         self.prompt_logprobs: list[float] = []
+        self.prompt_top: list[Alternatives] = []
         self.open: int | None = None  # tokens in the session's open chunk (host copy)
         self.updates: list[UpdateRecord] = []  # made while absorbing the prompt
         self.decode_updates: list[UpdateRecord] = []
@@ -260,7 +263,8 @@ class Scheduler:
                 if take:  # (0: an empty prompt, straight to decoding)
                     try:
                         results = self.engine.absorb_batch([r.job.session for r in rs],
-                                                           [r.job.prompt[r.pos:r.pos + take] for r in rs], learning)
+                                                           [r.job.prompt[r.pos:r.pos + take] for r in rs], learning,
+                                                           alternatives=max(r.job.prompt_alternatives for r in rs))
                     except Exception as e:
                         for r in rs:
                             self._prefill.remove(r)
@@ -284,12 +288,14 @@ class Scheduler:
         if res is not None:
             r.prompt_logprobs += res.logprobs
             r.updates += res.updates
+            if r.job.prompt_alternatives:  # the group computed as many as its most demanding job
+                r.prompt_top += [top[:r.job.prompt_alternatives] for top in res.top]
         r.pos, r.open = r.pos + take, (r.open + take) % self.engine.cfg.chunk
         if r.pos < len(r.job.prompt):
             return False
         self._prefill.remove(r)
         try:
-            r.emit(PromptAbsorbed(list(r.job.prompt), r.prompt_logprobs))
+            r.emit(PromptAbsorbed(list(r.job.prompt), r.prompt_logprobs, r.prompt_top))
         except Exception as e:
             self._end(r, e)
             return False
@@ -314,19 +320,27 @@ class Scheduler:
             picked[closing] = torch.tensor([rows[i].job.close_turn for i in closing], device=picked.device)
             for i in closing:
                 rows[i].close_absorbed = True
-        lps = logits.gather(1, picked[:, None])[:, 0] - torch.logsumexp(logits, -1)
-        # the step's one read from the device: each row's token and its log-probability (float64
-        # holds the ids exactly); the tokens go into the batch's forward without leaving it
-        host = torch.stack([picked.double(), lps.double()]).tolist()
-        tokens, lps = [int(t) for t in host[0]], host[1]
+        lse = torch.logsumexp(logits, -1)
+        lps = logits.gather(1, picked[:, None])[:, 0] - lse
+        # the step's one read from the device: each row's token, its log-probability and the
+        # alternatives asked for (float64 holds the ids exactly); the tokens go into the batch's
+        # forward without leaving it
+        k = max(r.job.params.top_logprobs for r in rows)
+        columns = [picked.double()[:, None], lps.double()[:, None]]
+        if k:
+            top_ids, top_lps = top_alternatives(logits - lse[:, None], k)
+            columns += [top_ids.double(), top_lps.double()]
+        host = torch.cat(columns, 1).tolist()
         self._attach(self.batch.step(picked, [r.learning for r in rows]))
         finished: list[tuple[_Running, BaseException | None]] = []
-        for r, tok, lp in zip(rows, tokens, lps):
+        for r, row in zip(rows, host):
             if r.closing:
                 finished.append((r, None))
                 continue
             assert r.text is not None
-            event = r.text.push(tok, lp)
+            n = r.job.params.top_logprobs  # the row's first n of the k alternatives read
+            top = [(int(t), lp) for t, lp in zip(row[2:2 + n], row[2 + k:2 + k + n], strict=True)]
+            event = r.text.push(int(row[0]), row[1], top)
             try:
                 r.emit(event)
             except BaseException as e:  # the consumer is gone: stop this job, keep the others
@@ -381,7 +395,8 @@ class Scheduler:
             return
         # the generation's updates are the prompt's and the reply's, as Engine.generate's are
         gen = r.text.result(r.updates + r.decode_updates) if r.text is not None else None
-        r.future.set_result(JobResult(r.prompt_logprobs, gen, r.updates + r.decode_updates + r.close_updates))
+        r.future.set_result(JobResult(r.prompt_logprobs, gen, r.updates + r.decode_updates + r.close_updates,
+                                      r.prompt_top))
 
     def _fail_all(self, error: BaseException, queued: bool = True) -> None:
         """Fail the jobs in flight, and with `queued` the jobs not admitted yet too."""

@@ -72,7 +72,8 @@ def resolve_session_id(body_id: str | None, header_id: str | None, user: str | N
 
 
 def sampling_params(ctx: Context, req: SamplingFields, max_tokens: int | None, param: str,
-                    stop_token_ids: Sequence[int], default: int | None = None) -> SamplingParams:
+                    stop_token_ids: Sequence[int], default: int | None = None,
+                    top_logprobs: int = 0) -> SamplingParams:
     """`default`: the max_tokens of a request that gives none (HOPE_DEFAULT_MAX_TOKENS unless
     set), capped by the limit: a request is never refused for a number it did not send."""
     s = ctx.settings
@@ -83,7 +84,8 @@ def sampling_params(ctx: Context, req: SamplingFields, max_tokens: int | None, p
                           param=param, code="max_tokens_too_large")
     return SamplingParams(max_tokens=n, temperature=1.0 if req.temperature is None else req.temperature,
                           top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k, seed=req.seed,
-                          stop=list(req.stop or []), stop_token_ids=[] if req.ignore_eos else list(stop_token_ids))
+                          stop=list(req.stop or []), stop_token_ids=[] if req.ignore_eos else list(stop_token_ids),
+                          top_logprobs=top_logprobs)
 
 
 def check_prompt_size(ctx: Context, n_tokens: int, param: str) -> None:
@@ -103,6 +105,7 @@ class Plan:
     params: SamplingParams
     learn: bool
     close_turn: int | None = None  # chat: absorbed after a reply that did not end on a stop token
+    prompt_alternatives: int = 0  # completions' echo: the most likely tokens at each prompt token
 
 
 # ---- the async side --------------------------------------------------------------------------
@@ -115,7 +118,8 @@ class TurnRun:
         self.ctx, self.turn, self.plan, self.started = ctx, turn, plan, started
         # a reply cut by max_tokens or a stop string is closed with <|end|>, so the stream reads
         # exactly as if the client re-sent the reply as an assistant message
-        job = Job(turn.work, plan.prompt, plan.params, plan.learn, close_turn=plan.close_turn)
+        job = Job(turn.work, plan.prompt, plan.params, plan.learn, close_turn=plan.close_turn,
+                  prompt_alternatives=plan.prompt_alternatives)
         try:
             self.stream = JobStream(ctx.scheduler, job)
         except EngineDied:

@@ -19,13 +19,23 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
+from hope_core.sampling import MAX_TOP_LOGPROBS
 from server.stores.base import SESSION_ID_RE
 
 SessionId = Annotated[str, StringConstraints(pattern=SESSION_ID_RE.pattern)]
 
 MAX_STOP_SEQUENCES = 4
+MAX_LEGACY_LOGPROBS = 5  # completions' `logprobs`, as at OpenAI
 
 
 def _only_one_choice(n: int) -> int:
@@ -178,12 +188,19 @@ class ChatRequest(SamplingFields):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=0)  # alternatives are not computed
+    top_logprobs: int = Field(0, ge=0, le=MAX_TOP_LOGPROBS)  # the most likely tokens at each position
     # not implemented: refused unless neutral (see the module's docstring)
     tools: list[Any] = Field(default_factory=list)
     functions: list[Any] = Field(default_factory=list)
     tool_choice: Literal["none", "auto"] = "none"
     response_format: dict[str, Any] = Field(default_factory=lambda: {"type": "text"})
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, v: int, info: ValidationInfo) -> int:
+        if v and not info.data.get("logprobs"):  # as at OpenAI: alternatives come with logprobs
+            raise ValueError("top_logprobs needs logprobs: true")
+        return v
 
     @field_validator("tools", "functions")
     @classmethod
@@ -197,10 +214,12 @@ class ChatRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str]
+    # text, or token ids of the served tokenizer (as OpenAI's and vLLM's clients send them)
+    prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(None, ge=0)  # None: OpenAI's 16 (capped by the limit); 0 scores the prompt
     echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=5)  # the sampled token's only: top_logprobs is null
+    # each token's log-probability, with the `logprobs` most likely tokens and the token itself
+    logprobs: int | None = Field(None, ge=0, le=MAX_LEGACY_LOGPROBS)
     # not implemented: refused unless neutral (see the module's docstring)
     suffix: str = ""
     best_of: int = 1
@@ -217,12 +236,13 @@ class CompletionRequest(SamplingFields):
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, v: str | list[str]) -> str:
-        if isinstance(v, list):
-            if len(v) != 1:
-                raise ValueError("exactly one prompt per request (a session is one stream)")
-            return v[0]
-        return v
+    def _one_prompt(cls, v: str | list[str] | list[int] | list[list[int]]) -> str | list[int]:
+        """One text, or one list of token ids (ids are checked against the vocabulary later)."""
+        if isinstance(v, str) or (v and all(isinstance(t, int) for t in v)):
+            return v
+        if len(v) != 1:
+            raise ValueError("exactly one prompt per request (a session is one stream)")
+        return v[0]
 
 
 class ForkRequest(BaseModel):
@@ -254,11 +274,14 @@ class Surprise(BaseModel):
     loss: list[float]
 
 
-class TokenLogprob(BaseModel):
+class TopLogprob(BaseModel):
     token: str
     logprob: float
     bytes: list[int]
-    top_logprobs: list[Any] = Field(default_factory=list)
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
 
 
 class ChoiceLogprobs(BaseModel):
@@ -313,7 +336,9 @@ class ChatCompletionChunk(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
-    """OpenAI's legacy format; top_logprobs is null (alternatives are not computed)."""
+    """OpenAI's legacy format. Per token, `top_logprobs` maps the text of the most likely tokens
+    and of the token itself to their log-probabilities (up to logprobs + 1 entries; tokens of one
+    text share an entry, the more likely one's)."""
 
     tokens: list[str]
     token_logprobs: list[float | None]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Request
@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from starlette.background import BackgroundTask
 
 from hope_core.engine import TokenEvent
+from hope_core.sampling import Alternatives
 from server.auth import Ctx, Sessions, Tenant
 from server.inference import (
     EventStream,
@@ -48,6 +49,7 @@ from server.schemas import (
     ChunkChoice,
     Delta,
     TokenLogprob,
+    TopLogprob,
     Usage,
     dump,
 )
@@ -58,10 +60,16 @@ router = APIRouter(tags=["chat"])
 log = logging.getLogger("hope.server")
 
 
-def _token_logprobs(tokenizer, token_ids: list[int], logprobs: list[float]) -> ChoiceLogprobs:
+def _token_logprobs(tokenizer, token_ids: Sequence[int], logprobs: Sequence[float],
+                    tops: Sequence[Alternatives]) -> ChoiceLogprobs:
+    """Each token's log-probability and, when asked for, the most likely tokens at its place."""
+    def entry(t: int, lp: float) -> dict:
+        return {"token": tokenizer.decode([t]), "logprob": lp, "bytes": list(tokenizer.token_bytes(t))}
+
+    tops = tops or [[] for _ in token_ids]
     return ChoiceLogprobs(content=[
-        TokenLogprob(token=tokenizer.decode([t]), logprob=lp, bytes=list(tokenizer.token_bytes(t)))
-        for t, lp in zip(token_ids, logprobs, strict=True)])
+        TokenLogprob(**entry(t, lp), top_logprobs=[TopLogprob(**entry(a, alp)) for a, alp in top])
+        for t, lp, top in zip(token_ids, logprobs, tops, strict=True)])
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion)
@@ -74,7 +82,8 @@ async def chat_completions(body: ChatRequest, request: Request, ctx: Ctx,
     tok = sessions.engine.tokenizer
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     param = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"
-    params = sampling_params(ctx, body, max_tokens, param, [tok.end_id, tok.eot_id])
+    params = sampling_params(ctx, body, max_tokens, param, [tok.end_id, tok.eot_id],
+                             top_logprobs=body.top_logprobs)
     messages = [(m.template_role(), m.text()) for m in body.messages]
     digests = [message_digest(role, content) for role, content in messages]
 
@@ -115,7 +124,8 @@ async def chat_completions(body: ChatRequest, request: Request, ctx: Ctx,
         id=completion_id, created=created, model=model, system_fingerprint=ctx.system_fingerprint,
         choices=[ChatChoice(
             message=AssistantMessage(content=result.text), finish_reason=result.finish_reason,
-            logprobs=_token_logprobs(tok, result.token_ids, result.logprobs) if body.logprobs else None)],
+            logprobs=_token_logprobs(tok, result.token_ids, result.logprobs, result.top_logprobs)
+            if body.logprobs else None)],
         usage=Usage(prompt_tokens=len(prompt), completion_tokens=len(result.token_ids),
                     total_tokens=len(prompt) + len(result.token_ids)),
         session=info)))
@@ -145,7 +155,8 @@ async def _events(run: TurnRun, body: ChatRequest, completion_id: str, created: 
     def logprobs_of(events: list[TokenEvent]) -> ChoiceLogprobs | None:
         if not body.logprobs or not events:
             return None
-        return _token_logprobs(tok, [e.token_id for e in events], [e.logprob for e in events])
+        return _token_logprobs(tok, [e.token_id for e in events], [e.logprob for e in events],
+                               [e.top for e in events])
 
     pending: list[TokenEvent] = []  # tokens not yet sent in a chunk (for their surprise)
     # (for their log-probabilities, when asked for: with the chunk that completes their text)

@@ -1,10 +1,11 @@
 """POST /v1/completions: raw text appended to the session's stream, OpenAI's legacy API.
 
-The prompt's tokens are absorbed as they are (no chat roles, no history de-duplication): each
-request continues the stream. `max_tokens=0` with `echo` scores the prompt without generating;
-with `logprobs` the answer carries every prompt token's log-probability given everything the
-session absorbed before it (OpenAI's legacy format; `top_logprobs` is null, alternatives are not
-computed). Generation stops at <|endoftext|> unless `ignore_eos`.
+The prompt (text, or token ids of the served tokenizer) is absorbed as it is (no chat roles, no
+history de-duplication): each request continues the stream. `max_tokens=0` with `echo` scores
+the prompt without generating; with `logprobs` the answer carries every prompt token's
+log-probability given everything the session absorbed before it, and the `logprobs` most likely
+tokens at its place (OpenAI's legacy format, which lm-evaluation-harness reads). Generation stops
+at <|endoftext|> unless `ignore_eos`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from fastapi.responses import JSONResponse
 from starlette.background import BackgroundTask
 
 from hope_core.engine import TokenEvent
+from hope_core.sampling import Alternatives
 from hope_core.tokenizer import sanitize
 from server.auth import Ctx, Sessions, Tenant
 from server.errors import APIError
@@ -48,12 +50,26 @@ log = logging.getLogger("hope.server")
 
 
 def legacy_logprobs(tokenizer, token_ids: Sequence[int], logprobs: Sequence[float],
-                    offset: int | _Offsets = 0) -> CompletionLogprobs:
-    """Per token: its text, log-probability, and where its text starts (after `offset` chars,
-    or where a stream's `_Offsets` has got to)."""
+                    tops: Sequence[Alternatives], offset: int | _Offsets = 0) -> CompletionLogprobs:
+    """Per token: its text, log-probability, the most likely tokens at its place with the token
+    itself, and where its text starts (after `offset` chars, or where a stream's `_Offsets` has
+    got to)."""
     offsets = _Offsets(tokenizer, offset) if isinstance(offset, int) else offset
+    tops = tops or [[] for _ in token_ids]
     return CompletionLogprobs(tokens=[tokenizer.decode([t]) for t in token_ids], token_logprobs=list(logprobs),
-                              top_logprobs=None, text_offset=offsets.take(token_ids))
+                              top_logprobs=[_top_map(tokenizer, t, lp, top)
+                                            for t, lp, top in zip(token_ids, logprobs, tops, strict=True)],
+                              text_offset=offsets.take(token_ids))
+
+
+def _top_map(tokenizer, token: int, logprob: float, top: Alternatives) -> dict[str, float]:
+    """OpenAI's map of text to log-probability: the alternatives, most likely first, then the
+    token itself if it was not among them. Two tokens of one text (the pieces of a character cut
+    in two both read U+FFFD) keep the more likely one's entry."""
+    out: dict[str, float] = {}
+    for t, lp in [*top, (token, logprob)]:
+        out.setdefault(tokenizer.decode([t]), lp)
+    return out
 
 
 class _Offsets:
@@ -76,7 +92,8 @@ def _merge(a: CompletionLogprobs | None, b: CompletionLogprobs) -> CompletionLog
     if a is None:
         return b
     return CompletionLogprobs(tokens=a.tokens + b.tokens, token_logprobs=a.token_logprobs + b.token_logprobs,
-                              top_logprobs=None, text_offset=a.text_offset + b.text_offset)
+                              top_logprobs=(a.top_logprobs or []) + (b.top_logprobs or []),
+                              text_offset=a.text_offset + b.text_offset)
 
 
 @router.post("/v1/completions", response_model=Completion)
@@ -87,18 +104,28 @@ async def completions(body: CompletionRequest, request: Request, ctx: Ctx,
     model = check_model(ctx, body.model)
     session_id = resolve_session_id(body.session_id, x_session_id, body.user)
     tok = sessions.engine.tokenizer
-    params = sampling_params(ctx, body, body.max_tokens, "max_tokens", [tok.eot_id], default=16)  # OpenAI's
-    # lone surrogates (JSON's "\ud83d", a string cut inside an emoji) become U+FFFD, as the
-    # tokenizer reads them: the echoed text must be encodable, and one character stays one
-    prompt_text = sanitize(body.prompt if isinstance(body.prompt, str) else body.prompt[0])
-    prompt = tok.encode(prompt_text)
+    alternatives = body.logprobs or 0
+    params = sampling_params(ctx, body, body.max_tokens, "max_tokens", [tok.eot_id], default=16,  # OpenAI's
+                             top_logprobs=alternatives)
+    if isinstance(body.prompt, str):
+        # lone surrogates (JSON's "\ud83d", a string cut inside an emoji) become U+FFFD, as the
+        # tokenizer reads them: the echoed text must be encodable, and one character stays one
+        prompt_text = sanitize(body.prompt)
+        prompt = tok.encode(prompt_text)
+    else:
+        prompt = list(body.prompt)
+        if any(not 0 <= t < tok.vocab_size for t in prompt):
+            raise APIError(400, f"a prompt token id is outside the vocabulary (0 to {tok.vocab_size - 1})",
+                           param="prompt", code="invalid_value")
+        prompt_text = tok.decode(prompt)
     if not prompt and params.max_tokens == 0:
         raise APIError(400, "nothing to do: an empty prompt and max_tokens=0", param="prompt", code="invalid_value")
     check_prompt_size(ctx, len(prompt), "prompt")
 
     turn = await begin_turn(request, sessions, tenant, session_id, body.learn)
     try:
-        run = TurnRun(ctx, turn, Plan(prompt, params, body.learn), started)
+        run = TurnRun(ctx, turn, Plan(prompt, params, body.learn,
+                                      prompt_alternatives=alternatives if body.echo else 0), started)
     except BaseException:
         await turn.release()
         raise
@@ -124,8 +151,9 @@ async def completions(body: CompletionRequest, request: Request, ctx: Ctx,
     logprobs = None
     if body.logprobs is not None:
         if body.echo:
-            logprobs = legacy_logprobs(tok, prompt, out.prompt_logprobs)
-        gen_part = legacy_logprobs(tok, gen_ids, out.generation.logprobs if out.generation else [],
+            logprobs = legacy_logprobs(tok, prompt, out.prompt_logprobs, out.prompt_top)
+        gen = out.generation
+        gen_part = legacy_logprobs(tok, gen_ids, gen.logprobs if gen else [], gen.top_logprobs if gen else [],
                                    offset=len(prompt_text) if body.echo else 0)
         logprobs = _merge(logprobs, gen_part)
     text = (prompt_text if body.echo else "") + gen_text
@@ -168,13 +196,14 @@ async def _events(run: TurnRun, body: CompletionRequest, prompt_text: str, compl
     def logprobs_of(events: list[TokenEvent]) -> CompletionLogprobs | None:
         if body.logprobs is None or not events:
             return None
-        return legacy_logprobs(tok, [e.token_id for e in events], [e.logprob for e in events], offsets)
+        return legacy_logprobs(tok, [e.token_id for e in events], [e.logprob for e in events],
+                               [e.top for e in events], offsets)
 
     async for item in run.events():
         if isinstance(item, PromptAbsorbed):
             if body.echo or include_surprise:
                 text = prompt_text if body.echo else ""
-                logprobs = (legacy_logprobs(tok, item.token_ids, item.logprobs)
+                logprobs = (legacy_logprobs(tok, item.token_ids, item.logprobs, item.top)
                             if body.echo and body.logprobs is not None else None)
                 surprise = surprise_of(tok, item.token_ids, item.logprobs) if include_surprise else None
                 yield chunk(text, logprobs=logprobs, surprise=surprise)

@@ -100,9 +100,55 @@ def test_generation_logprobs_are_those_of_the_sampled_tokens(engine, session, pr
         engine.absorb(s, [t])
 
 
+def test_generation_alternatives_are_the_most_likely_tokens(engine, session, prompt):
+    """`top_logprobs`: at each generated token, the k most likely tokens of the distribution it
+    was sampled from, most likely first, with their log-probabilities; none when not asked."""
+    k = 4
+    res, _, _ = run(engine, session, prompt, max_tokens=7, temperature=1.0, seed=3, top_logprobs=k)
+    plain, _, _ = run(engine, session, prompt, max_tokens=7, temperature=1.0, seed=3)
+    assert plain.token_ids == res.token_ids and plain.top_logprobs == []
+    assert len(res.top_logprobs) == len(res.token_ids) == 7
+    s = session.copy()
+    engine.absorb(s, prompt)
+    for t, lp, top in zip(res.token_ids, res.logprobs, res.top_logprobs):
+        logp = F.log_softmax(engine.next_logits(s), -1)
+        best = torch.sort(logp, descending=True, stable=True)
+        assert [a for a, _ in top] == best.indices[:k].tolist()
+        torch.testing.assert_close(torch.tensor([v for _, v in top]), best.values[:k], atol=ATOL, rtol=0)
+        if t in dict(top):
+            assert abs(dict(top)[t] - lp) <= ATOL
+        engine.absorb(s, [t])
+
+
+@pytest.mark.parametrize("n", [3, 13])
+def test_absorb_alternatives(engine, session, n):
+    """Each absorbed token's alternatives are the most likely tokens at its place, the same
+    alone and in a batch, and asking for them changes nothing else."""
+    toks = random_tokens(n, 60 + n)
+    a, b = session.copy(), session.copy()
+    with_top = engine.absorb(a, toks, alternatives=3)
+    without = engine.absorb(b, toks)
+    assert without.top == [] and with_top.logprobs == without.logprobs
+    assert_states_equal(a.state, b.state)
+    assert len(with_top.top) == n and all(len(top) == 3 for top in with_top.top)
+    for tok, lp, top in zip(toks, with_top.logprobs, with_top.top):
+        values = [v for _, v in top]
+        assert values == sorted(values, reverse=True)
+        assert lp <= values[0] + ATOL  # none more likely than the first alternative
+        if tok in dict(top):
+            assert abs(dict(top)[tok] - lp) <= ATOL
+    c = session.copy()
+    s = session.copy()
+    first = engine.absorb(s, toks[:1], alternatives=3).top[0]
+    batched = engine.absorb_batch([c], [toks[:1]], alternatives=3)[0].top[0]
+    assert [t for t, _ in batched] == [t for t, _ in first] == [t for t, _ in with_top.top[0]]
+    assert first[0][0] == int(engine.next_logits(session).argmax())
+
+
 @pytest.mark.parametrize("bad", [dict(max_tokens=-1), dict(temperature=-0.1), dict(temperature=float("inf")),
                                  dict(temperature=float("nan")), dict(top_p=-0.1), dict(top_p=1.5),
-                                 dict(top_p=float("nan")), dict(top_k=-1)])
+                                 dict(top_p=float("nan")), dict(top_k=-1),
+                                 dict(top_logprobs=-1), dict(top_logprobs=21)])
 def test_sampling_params_are_validated(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)

@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 from hope_testkit import ATOL
-from test_scheduler import assert_same_state, random_jobs, run_to_end
+from test_scheduler import assert_same_alternatives, assert_same_state, random_jobs, run_to_end
 
 from hope_core.engine import PromptAbsorbed, TokenEvent
 from hope_core.engine_process import EngineDied, EngineProcess, StateSlots, slot_layout
@@ -71,11 +71,11 @@ def test_jobs_in_the_child_equal_jobs_in_process(engine, proc):
     remote_sessions = [engine.new_session() for _ in jobs]
     local_events: list[list] = [[] for _ in jobs]
     remote_events: list[list] = [[] for _ in jobs]
-    local = [sched.submit(Job(s, p, sp, learn, close_turn=7, emit=ev.append))
-             for s, (p, sp, learn), ev in zip(local_sessions, jobs, local_events)]
+    local = [sched.submit(Job(s, p, sp, learn, close_turn=7, emit=ev.append, prompt_alternatives=i % 3))
+             for i, (s, (p, sp, learn), ev) in enumerate(zip(local_sessions, jobs, local_events))]
     run_to_end(sched, local)
-    remote = [proc.submit(Job(s, p, sp, learn, close_turn=7, emit=ev.append))
-              for s, (p, sp, learn), ev in zip(remote_sessions, jobs, remote_events)]
+    remote = [proc.submit(Job(s, p, sp, learn, close_turn=7, emit=ev.append, prompt_alternatives=i % 3))
+              for i, (s, (p, sp, learn), ev) in enumerate(zip(remote_sessions, jobs, remote_events))]
     for lf, rf, ls, rs, le, re in zip(local, remote, local_sessions, remote_sessions, local_events, remote_events):
         want, got = lf.result(), rf.result(timeout=WAIT_S)
         assert got.generation.token_ids == want.generation.token_ids
@@ -83,6 +83,11 @@ def test_jobs_in_the_child_equal_jobs_in_process(engine, proc):
         assert got.generation.finish_reason == want.generation.finish_reason
         close(got.generation.logprobs, want.generation.logprobs)
         close(got.prompt_logprobs, want.prompt_logprobs)
+        assert_same_alternatives(got.generation.top_logprobs, want.generation.top_logprobs)
+        assert_same_alternatives(got.prompt_top, want.prompt_top)
+        assert_same_alternatives(re[0].top, le[0].top)
+        assert [e.top for e in re[1:]] == [[tuple(a) for a in e.top] for e in re[1:]]  # pairs, not JSON lists
+        assert_same_alternatives([e.top for e in re[1:]], [e.top for e in le[1:]])
         assert [u.level for u in got.updates] == [u.level for u in want.updates]
         close([u.update_norm for u in got.updates], [u.update_norm for u in want.updates])
         close([u.surprise for u in got.updates], [u.surprise for u in want.updates])

@@ -39,10 +39,17 @@ def random_jobs(engine: Engine, n: int, seed: int) -> list[tuple[list[int], Samp
         prompt = [rng.randrange(5, 4000) for _ in range(rng.randrange(1, 40))]
         params = SamplingParams(max_tokens=rng.randrange(1, 30), seed=seed * 100 + i,
                                 temperature=rng.choice([0.0, 0.7, 1.0]), top_p=rng.choice([1.0, 0.9]),
-                                top_k=rng.choice([0, 20]))
+                                top_k=rng.choice([0, 20]), top_logprobs=rng.choice([0, 0, 3]))
         learn = rng.choice([Learning(), Learning(), Learning.off(), Learning(mid=False)])
         jobs.append((prompt, params, learn))
     return jobs
+
+
+def assert_same_alternatives(got, want) -> None:
+    """Alternatives per token: the same tokens in the same order, log-probabilities to ATOL."""
+    assert [[t for t, _ in top] for top in got] == [[t for t, _ in top] for top in want]
+    torch.testing.assert_close(torch.tensor([v for top in got for _, v in top]),
+                               torch.tensor([v for top in want for _, v in top]), atol=ATOL, rtol=0)
 
 
 def run_to_end(sched: Scheduler, futures) -> int:
@@ -69,6 +76,8 @@ def test_a_batched_job_equals_the_same_job_alone(any_engine, max_batch, prefill)
         assert got.generation.finish_reason == ref.finish_reason
         torch.testing.assert_close(torch.tensor(got.generation.logprobs), torch.tensor(ref.logprobs),
                                    atol=ATOL, rtol=0)
+        assert len(got.generation.top_logprobs) == (len(ref.token_ids) if params.top_logprobs else 0)
+        assert_same_alternatives(got.generation.top_logprobs, ref.top_logprobs)
         assert [u.level for u in got.updates] == [u.level for u in ref.updates]
         assert [u.level for u in got.generation.updates] == [u.level for u in ref.updates]  # as generate's
         assert_same_state(session, ref_session)
@@ -88,6 +97,25 @@ def test_prompt_logprobs_and_scoring_only_jobs(engine):
     assert fut.result().generation is None
     assert len(events) == 1 and isinstance(events[0], PromptAbsorbed) and events[0].token_ids == prompt
     assert_same_state(session, ref_session)
+    assert fut.result().prompt_top == events[0].top == []
+
+
+def test_prompt_alternatives_in_a_group_that_asks_for_more(engine):
+    """Jobs prefilled together ask for different numbers of alternatives per prompt token: each
+    gets its own number, the ones `Engine.absorb` gives."""
+    prompts = [list(range(100, 137)), list(range(300, 337)), list(range(500, 537))]
+    sched = Scheduler(engine, prefill_tokens=8 * len(prompts))
+    events: list[list] = [[] for _ in prompts]
+    futures = [sched.submit(Job(engine.new_session(), p, SamplingParams(max_tokens=0), emit=ev.append,
+                                prompt_alternatives=k))
+               for p, ev, k in zip(prompts, events, [2, 0, 5])]
+    run_to_end(sched, futures)
+    for p, ev, k, fut in zip(prompts, events, [2, 0, 5], futures):
+        ref = engine.absorb(engine.new_session(), p, alternatives=k)
+        assert len(fut.result().prompt_top) == (len(p) if k else 0)
+        assert all(len(top) == k for top in fut.result().prompt_top)
+        assert_same_alternatives(fut.result().prompt_top, ref.top)
+        assert ev[0].top == fut.result().prompt_top
 
 
 def test_sessions_leave_the_scheduler_with_memory_of_their_own(engine):

@@ -300,9 +300,66 @@ async def test_completions_score_only(engine: Engine) -> None:
         lp = choice["logprobs"]
         assert lp["tokens"] == [tok.decode([i]) for i in ids] and "".join(lp["tokens"]) == text
         assert lp["token_logprobs"] == pytest.approx(expected, abs=1e-5)
-        assert lp["top_logprobs"] is None
+        # logprobs 0: each map holds the token itself only
+        assert lp["top_logprobs"] == [{tok.decode([i]): v} for i, v in zip(ids, lp["token_logprobs"])]
         assert lp["text_offset"] == [len(tok.decode(ids[:i])) for i in range(len(ids))]
         assert out["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
+
+
+async def test_completions_alternatives_are_the_most_likely_tokens(engine: Engine) -> None:
+    """`logprobs: k` with echo: at every prompt and generated token, the map holds the k most
+    likely tokens and the token itself (as lm-evaluation-harness reads it: a greedy token's
+    log-probability is the map's largest), streamed or not; a prompt of token ids is the text's."""
+    tok = engine.tokenizer
+    text = "The quick brown fox jumps over the lazy dog."
+    ids = tok.encode(text)
+    scored = engine.absorb(engine.new_session(), ids, alternatives=3)
+    async with running_app(engine) as api:
+        body = {"model": api.model, "prompt": text, "max_tokens": 5, "temperature": 0, "echo": True,
+                "logprobs": 3, "ignore_eos": True, "learn": False}
+        whole = (await api.client.post("/v1/completions", json=body)).json()
+        lp = whole["choices"][0]["logprobs"]
+        n = len(ids) + 5
+        assert len(lp["top_logprobs"]) == len(lp["tokens"]) == n
+        for i, (token, value, top) in enumerate(zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"])):
+            assert 3 <= len(top) <= 4 and top[token] == value, (i, top)
+            if i >= len(ids):  # generated greedily: the most likely token
+                assert value == max(top.values())
+        for want, top in zip(scored.top, lp["top_logprobs"]):
+            expect = {tok.decode([t]): v for t, v in reversed(want)}  # (a shared text: the likelier one)
+            assert {k: top[k] for k in expect} == pytest.approx(expect, abs=1e-5)
+        by_ids = (await api.client.post("/v1/completions", json={**body, "prompt": ids})).json()
+        assert by_ids["choices"][0]["text"] == whole["choices"][0]["text"]
+        assert by_ids["choices"][0]["logprobs"]["tokens"] == lp["tokens"]
+        assert by_ids["choices"][0]["logprobs"]["top_logprobs"] == [pytest.approx(t, abs=1e-5)
+                                                                     for t in lp["top_logprobs"]]
+        chunks = _stream_chunks(await api.client.post("/v1/completions", json={**body, "stream": True}))
+        streamed = [t for c in chunks if c["choices"] and c["choices"][0]["logprobs"]
+                    for t in c["choices"][0]["logprobs"]["top_logprobs"]]
+        assert streamed == [pytest.approx(t, abs=1e-5) for t in lp["top_logprobs"]]
+
+
+async def test_chat_top_logprobs(engine: Engine) -> None:
+    """`top_logprobs: k`: each token lists the k most likely tokens at its place, most likely
+    first; greedy, the first is the token itself. Streamed as in the whole answer."""
+    async with running_app(engine) as api:
+        body = {"logprobs": True, "top_logprobs": 4, "max_tokens": 6, "ignore_eos": True, "learn": False}
+        out = await api.chat("hi", **body)
+        content = out["choices"][0]["logprobs"]["content"]
+        assert len(content) == out["usage"]["completion_tokens"] == 6
+        for c in content:
+            top = c["top_logprobs"]
+            assert len(top) == 4 and set(top[0]) == {"token", "logprob", "bytes"}
+            assert [t["logprob"] for t in top] == sorted((t["logprob"] for t in top), reverse=True)
+            assert (top[0]["token"], top[0]["logprob"], top[0]["bytes"]) == (c["token"], c["logprob"], c["bytes"])
+        r = await api.client.post("/v1/chat/completions", json={
+            "model": api.model, "messages": [{"role": "user", "content": "hi"}], "temperature": 0,
+            "stream": True, **body})
+        streamed = [x for ch in _stream_chunks(r) if ch["choices"] and ch["choices"][0]["logprobs"]
+                    for x in ch["choices"][0]["logprobs"]["content"]]
+        assert streamed == content
+        plain = (await api.chat("hi", logprobs=True, max_tokens=6, ignore_eos=True, learn=False))
+        assert all(c["top_logprobs"] == [] for c in plain["choices"][0]["logprobs"]["content"])
 
 
 async def test_completions_generate_and_echo(engine: Engine) -> None:

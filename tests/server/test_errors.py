@@ -58,6 +58,16 @@ async def test_400_bad_input(engine: Engine) -> None:
             err = assert_error(await post("/v1/chat/completions", json=chat_body(api, **{name: value})), 400,
                                param=name)
             assert not err["message"].startswith(f"{name}: Value error"), err
+        assert_error(await post("/v1/chat/completions", json=chat_body(api, top_logprobs=2)), 400,
+                     param="top_logprobs")  # without logprobs: true
+        assert_error(await post("/v1/chat/completions", json=chat_body(api, logprobs=True, top_logprobs=21)), 400,
+                     param="top_logprobs")
+        assert_error(await post("/v1/completions", json={"model": api.model, "prompt": "x", "logprobs": 6}), 400,
+                     param="logprobs")
+        for prompt in ([5, 1 << 20], [-1], [[1, 2], [3]], []):
+            r = await post("/v1/completions", json={"model": api.model, "prompt": prompt, "session_id": "ids"})
+            assert_error(r, 400, param="prompt")
+        assert_error(await api.client.get("/v1/sessions/ids"), 404)  # nothing was absorbed
         for name, value in (("suffix", "end"), ("best_of", 3)):
             r = await post("/v1/completions", json={"model": api.model, "prompt": "x", name: value})
             assert_error(r, 400, param=name)

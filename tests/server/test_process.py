@@ -69,6 +69,15 @@ def test_openai_sdk_streams(sqlite_server: ServerProcess) -> None:
     completion = client.completions.create(model="hope", prompt="Once", max_tokens=4, temperature=0)
     assert completion.choices[0].text is not None
 
+    # alternatives, in the SDK's own types
+    reply = client.chat.completions.create(model=model, max_tokens=4, temperature=0, logprobs=True, top_logprobs=3,
+                                           messages=[{"role": "user", "content": "Hi"}], extra_body={"learn": False})
+    content = reply.choices[0].logprobs.content
+    assert content and all(len(c.top_logprobs) == 3 and c.top_logprobs[0].token == c.token for c in content)
+    scored = client.completions.create(model="hope", prompt=[[1, 2, 3]], max_tokens=0, echo=True, logprobs=2)
+    assert len(scored.choices[0].logprobs.top_logprobs) == 3
+    assert all(2 <= len(top) <= 3 for top in scored.choices[0].logprobs.top_logprobs)
+
 
 def test_disconnect_mid_stream_commits_nothing(sqlite_server: ServerProcess) -> None:
     base = sqlite_server.base_url
