@@ -22,7 +22,7 @@ from server.auth import get_tenant
 from server.context import Context
 from server.errors import NO_RETRY, TURN_SCOPE_KEY, APIError, install_error_handlers
 from server.metrics import Metrics
-from server.routers import chat, completions, health, models, playground, sessions
+from server.routers import chat, completions, health, models, playground, sessions, tokenize
 from server.sessions import SessionManager, Turn
 from server.settings import Settings
 from server.stores.base import StoreUnavailable, open_store, redact_url
@@ -109,11 +109,11 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             ctx.metrics.request_failure.labels(reason).inc()
 
     def authenticate(request: Request) -> None:
-        if request.url.path.startswith("/v1/"):
+        if request.url.path.startswith("/v1/") or request.url.path in tokenize.TOKENIZER_PATHS:
             get_tenant(request, ctx)
 
     unexpected = install_error_handlers(app, count_failure, settings.overload_retry_after_s, authenticate)
-    for module in (chat, completions, models, sessions, health):
+    for module in (chat, completions, models, sessions, tokenize, health):
         app.include_router(module.router)
     if settings.playground:
         app.include_router(playground.router)

@@ -245,6 +245,31 @@ class CompletionRequest(SamplingFields):
         return v[0]
 
 
+class TokenizeRequest(OpenAIRequest):
+    """vLLM's /tokenize: a `prompt` or chat `messages`, exactly one."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_generation_prompt: bool = True  # messages: end with <|assistant|>, as chat's prompt does
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either prompt or messages")
+        return self
+
+
+class DetokenizeRequest(OpenAIRequest):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    tokens: list[int]
+
+
 class ForkRequest(BaseModel):
     new_id: SessionId
 
@@ -375,6 +400,17 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int  # a session has no context length: the most one request may absorb
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class SessionObject(BaseModel):
