@@ -43,6 +43,7 @@ SPECIAL_TOKENS: tuple[str, ...] = (ENDOFTEXT, SYSTEM, USER, ASSISTANT, END)
 
 #: Chat roles and the special token that opens a message of that role.
 ROLE_TOKENS: dict[str, str] = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+_SPECIAL_NAME_RE = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
 
 #: Where the tokenizer shipped with the package lives.
 DEFAULT_TOKENIZER_PATH = Path(__file__).resolve().parent / "assets" / "tokenizer.json"
@@ -182,6 +183,18 @@ class HopeTokenizer:
         """Encode ordinary text; special-token names in ``text`` become ordinary byte tokens."""
         ids = self._tok.encode(sanitize(text), add_special_tokens=False).ids
         self._check_no_special(ids)
+        return ids
+
+    def encode_with_special_names(self, text: str) -> list[int]:
+        """Encode text in which special-token names (``<|endoftext|>``, ``<|user|>``...) stand
+        for their ids, as Hugging Face tokenizers read text. Only for a client that builds a
+        token-id prompt on purpose (``/tokenize``); prompts sent as text use :meth:`encode`."""
+        ids: list[int] = []
+        for piece in _SPECIAL_NAME_RE.split(text):
+            if piece in SPECIAL_TOKENS:
+                ids.append(SPECIAL_TOKENS.index(piece))
+            elif piece:
+                ids += self.encode(piece)
         return ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:

@@ -34,7 +34,9 @@ from server.stores.base import SESSION_ID_RE
 
 SessionId = Annotated[str, StringConstraints(pattern=SESSION_ID_RE.pattern)]
 
-MAX_STOP_SEQUENCES = 4
+# OpenAI allows 4, vLLM any number; lm-evaluation-harness sends a task's stop strings plus the
+# end-of-text name (five for gsm8k's chain of thought and humaneval)
+MAX_STOP_SEQUENCES = 16
 MAX_LEGACY_LOGPROBS = 5  # completions' `logprobs`, as at OpenAI
 
 
@@ -240,6 +242,8 @@ class CompletionRequest(SamplingFields):
         """One text, or one list of token ids (ids are checked against the vocabulary later)."""
         if isinstance(v, str) or (v and all(isinstance(t, int) for t in v)):
             return v
+        if not v:
+            raise ValueError("an empty list is no prompt: send a string or a list of token ids")
         if len(v) != 1:
             raise ValueError("exactly one prompt per request (a session is one stream)")
         return v[0]
@@ -411,6 +415,19 @@ class TokenizeResponse(BaseModel):
 
 class DetokenizeResponse(BaseModel):
     prompt: str
+
+
+class TokenizerInfo(BaseModel):
+    """vLLM's /tokenizer_info: what a client needs to tokenize for this server itself."""
+
+    tokenizer_class: str = "HopeTokenizer"
+    eos_token: str
+    bos_token: str
+    pad_token: str | None = None
+    chat_template: str
+    model_max_length: int  # HOPE_MAX_PROMPT_TOKENS: a session has no context length
+    vocab_size: int
+    special_tokens: list[str]  # ids 0, 1, ... in this order
 
 
 class SessionObject(BaseModel):

@@ -36,11 +36,46 @@ async def test_tokenize_gives_the_ids_chat_and_completions_absorb(engine: Engine
         assert without["tokens"] == ids[:-1] and ids[-1] == tok.role_ids["assistant"]
 
 
+async def test_a_client_can_tokenize_for_the_server_as_lm_eval_does(engine: Engine) -> None:
+    """lm-evaluation-harness's remote tokenizer: the end-of-text id is the first id of the
+    tokenized `eos_token`, and the Jinja chat template, rendered and tokenized, gives chat's ids."""
+    jinja2 = pytest.importorskip("jinja2")  # (torch depends on it)
+    tok = engine.tokenizer
+    messages = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Say <|end|> now"}]
+    async with running_app(engine) as api:
+        info = (await api.client.get("/tokenizer_info")).json()
+        assert info["special_tokens"][tok.eot_id] == info["eos_token"]
+
+        async def tokenize(prompt: str) -> list[int]:
+            return (await api.client.post("/tokenize", json={"prompt": prompt, "add_special_tokens": False})).json()[
+                "tokens"]
+
+        assert (await tokenize(info["eos_token"]))[0] == tok.eot_id
+        assert await tokenize("a<|endoftext|><|user|>b") == [*tok.encode("a"), tok.eot_id, tok.role_ids["user"],
+                                                            *tok.encode("b")]
+        rendered = jinja2.Template(info["chat_template"]).render(messages=messages, add_generation_prompt=True)
+        chat_ids = (await api.client.post("/tokenize", json={"messages": messages})).json()["tokens"]
+        # the user typed "<|end|>" as text: only a client's own rendering makes it a special id
+        typed = tok.encode("Say <|end|> now")
+        assert chat_ids == [tok.role_ids["system"], *tok.encode("Be brief."), tok.end_id,
+                            tok.role_ids["user"], *typed, tok.end_id, tok.role_ids["assistant"]]
+        assert await tokenize(rendered) != chat_ids
+        plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say it now"}]
+        rendered = jinja2.Template(info["chat_template"]).render(messages=plain, add_generation_prompt=True)
+        assert await tokenize(rendered) == (await api.client.post("/tokenize", json={"messages": plain})).json()[
+            "tokens"]
+        # as text, completions reads special-token names as text
+        r = await api.client.post("/v1/completions", json={"model": api.model, "prompt": "<|endoftext|>",
+                                                           "max_tokens": 0, "echo": True, "logprobs": 0})
+        assert r.json()["usage"]["prompt_tokens"] == len(tok.encode("<|endoftext|>")) > 1
+
+
 async def test_tokenizer_routes_refuse_bad_input_and_need_the_key(engine: Engine) -> None:
     async with running_app(engine, api_keys="acme:secret") as api:
         for path, body in (("/tokenize", {"prompt": "x"}), ("/detokenize", {"tokens": [1]})):
             assert_error(await api.client.post(path, json=body), 401)
             assert_error(await api.client.post(path, content=b"{not json"), 401)  # the key first
+        assert_error(await api.client.get("/tokenizer_info"), 401)
         key = {"Authorization": "Bearer secret"}
         post = api.client.post
         assert_error(await post("/tokenize", json={"prompt": "x", "messages": [{"role": "user", "content": "y"}]},
