@@ -287,6 +287,105 @@ class Nginx(Process):
         return out
 
 
+@dataclass
+class Location:
+    modifier: str  # "=", "~" or "" (a prefix)
+    pattern: str
+    directives: dict[str, str]  # name -> arguments, as written
+
+
+def nginx_locations(text: str) -> list[Location]:
+    """The `location` blocks of a server block, in the order written (enough of the syntax for
+    deploy/nginx/hope.conf: no nested blocks, no braces inside a directive)."""
+    out = []
+    for m in re.finditer(r"^\s*location\s+(?:(=|~)\s+)?(\S+)\s*\{(.*?)\}", text, re.M | re.S):
+        body = re.sub(r"#.*", "", m.group(3))
+        directives = dict(d.strip().split(None, 1) if " " in d.strip() else (d.strip(), "")
+                          for d in body.split(";") if d.strip())
+        out.append(Location(m.group(1) or "", m.group(2), directives))
+    return out
+
+
+def nginx_location_for(locations: list[Location], path: str) -> Location:
+    """The location nginx picks for a path: an exact match, else the first regex that matches,
+    else the longest prefix."""
+    for loc in locations:
+        if loc.modifier == "=" and loc.pattern == path:
+            return loc
+    for loc in locations:
+        if loc.modifier == "~" and re.search(loc.pattern, path):
+            return loc
+    prefixes = [loc for loc in locations if loc.modifier == "" and path.startswith(loc.pattern)]
+    return max(prefixes, key=lambda loc: len(loc.pattern))
+
+
+def nginx_seconds(value: str) -> float:
+    """An nginx time ("15s", "10m", "600")."""
+    m = re.fullmatch(r"(\d+)(ms|s|m|h)?", value.strip())
+    assert m, value
+    return int(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
+
+
+# ---- compose ---------------------------------------------------------------------------------------
+
+class MissingVariable(Exception):
+    """A `${NAME:?message}` (or `${NAME?message}`) that compose refuses to interpolate."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(f"required variable {name} is missing a value: {message}")
+        self.name, self.message = name, message
+
+
+_COMPOSE_VARIABLE = re.compile(r"\$(?:\$|\{(?P<braced>[^}]*)\}|(?P<plain>[A-Za-z_][A-Za-z0-9_]*))")
+
+
+def compose_interpolate(value: str, env: dict[str, str]) -> str:
+    """Compose's variable syntax on one value: `$$`, `$NAME`, `${NAME}`, `${NAME:-default}`,
+    `${NAME-default}`, `${NAME:?error}`, `${NAME?error}` (an empty value counts as unset for the
+    forms with a colon). Nested variables are not used in deploy/ and are refused here."""
+
+    def one(m: re.Match) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        if m.group("plain"):
+            return env.get(m.group("plain"), "")
+        spec = m.group("braced")
+        assert "$" not in spec, f"nested interpolation is not supported here: {spec}"
+        name, op, arg = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])(.*))?", spec, re.S).groups()
+        value = env.get(name)
+        unset = value is None or (op is not None and op.startswith(":") and value == "")
+        if op is None or not unset:
+            return value or ""
+        if op.endswith("?"):
+            raise MissingVariable(name, arg)
+        return arg
+
+    return _COMPOSE_VARIABLE.sub(one, value)
+
+
+def compose_config(path: Path, env: dict[str, str]) -> dict:
+    """A compose file as `docker compose config` would resolve it with these variables: YAML
+    anchors and merge keys first, then every string value interpolated (keys are not)."""
+    import yaml
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: resolve(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return compose_interpolate(node, env) if isinstance(node, str) else node
+
+    return resolve(yaml.safe_load(path.read_text()))
+
+
+def published_host_ip(port: str | dict) -> str:
+    """The host address a `ports` entry binds to; none given means every interface."""
+    if isinstance(port, dict):
+        return port.get("host_ip") or "0.0.0.0"
+    parts = str(port).rsplit(":", 2)
+    return parts[0].strip("[]") if len(parts) == 3 else "0.0.0.0"
+
+
 # ---- a cluster: Redis, two replicas, nginx ---------------------------------------------------------
 
 @dataclass

@@ -4,15 +4,18 @@ and commits nothing partial."""
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.deploy.support import (
     Cluster,
+    Nginx,
     StreamResult,
     chat_body,
     same_state,
@@ -161,6 +164,70 @@ def test_sigkill_mid_stream(cluster: Cluster, client: httpx.Client) -> None:
         print(f"next turn served by {cluster.other(victim)} after {time.monotonic() - started:.2f} s")
     finally:
         cluster.restart(victim)
+
+
+def tried(cluster: Cluster, nginx: Nginx, request_id: str) -> list[tuple[str, str]]:
+    """The replicas nginx sent a request to, in order, each with the status it got from it."""
+    def entry():
+        return next((e for e in nginx.access_entries() if e["rid"] == request_id), None)
+
+    wait_until(lambda: entry() is not None, 5, 0.02, "the access log line")
+    e = entry()
+    return [(cluster.replica_by_addr(addr.strip()), status.strip())
+            for addr, status in zip(e["upstream"].split(","), e["ustatus"].split(","), strict=True)]
+
+
+def test_frozen_replica(cluster: Cluster, client: httpx.Client, tmp_path: Path) -> None:
+    """A SIGSTOPped replica still accepts connections (the kernel queues them), so nginx finds
+    out only when a read times out. A read of one of its sessions times out after the short
+    read timeout and is answered by the other replica; from then on nginx skips the frozen one,
+    and turns of its sessions go straight to the other replica instead of waiting for it."""
+    # an nginx of its own: the failure it records must not change where the other tests' requests go
+    nginx = Nginx(tmp_path / "nginx", {name: r.port for name, r in cluster.replicas.items()}).start()
+    try:
+        _check_frozen_replica(cluster, client, nginx, victim="hope-a")
+    finally:
+        nginx.stop()
+
+
+def _check_frozen_replica(cluster: Cluster, client: httpx.Client, nginx: Nginx, victim: str) -> None:
+    on_victim: list[str] = []
+    for k in range(64):  # consistent hashing: which sessions the victim serves
+        sid = uid(f"frozen{k}")
+        r = client.get(f"{nginx.base_url}/v1/models", headers={"X-Session-Id": sid})
+        if tried(cluster, nginx, r.headers["x-request-id"]) == [(victim, "200")]:
+            on_victim.append(sid)
+        if len(on_victim) == 3:
+            break
+    read_sid, turn_sid, stream_sid = on_victim
+    chat(client, nginx.base_url, chat_body(cluster.model, "Hello."), headers={"X-Session-Id": read_sid})
+    committed = session_meta(client, nginx.base_url, read_sid)
+    other = cluster.other(victim)
+
+    frozen = cluster.replicas[victim]
+    frozen.signal(signal.SIGSTOP)
+    try:
+        # far below the turns' read timeout (600 s), well above the reads' (15 s)
+        with httpx.Client(timeout=httpx.Timeout(45, connect=5)) as c:
+            started = time.monotonic()
+            r = c.get(f"{nginx.base_url}/v1/sessions/{read_sid}")
+            read_s = time.monotonic() - started
+            assert r.status_code == 200 and r.json() == committed
+            assert tried(cluster, nginx, r.headers["x-request-id"]) == [(victim, "504"), (other, "200")]
+
+            started = time.monotonic()
+            r = chat(c, nginx.base_url, chat_body(cluster.model, "Hello."), headers={"X-Session-Id": turn_sid})
+            turn_s = time.monotonic() - started
+            assert tried(cluster, nginx, r.headers["x-request-id"]) == [(other, "200")]
+            res = stream_chat(c, nginx.base_url, chat_body(cluster.model, "Hello."),
+                              headers={"X-Session-Id": stream_sid})
+            assert res.done and res.error is None and res.session["version"] == 1
+            assert tried(cluster, nginx, res.headers["x-request-id"]) == [(other, "200")]
+        print(f"frozen replica: a read answered by the other replica after {read_s:.1f} s, "
+              f"then a turn served there in {turn_s:.2f} s")
+    finally:
+        frozen.signal(signal.SIGCONT)
+    frozen.wait_ready(timeout=30)
 
 
 def test_sigterm_finishes_or_aborts_in_flight_requests(cluster: Cluster, client: httpx.Client) -> None:

@@ -6,6 +6,7 @@ exist in the app: `server.app.create_app` and `server.metrics.Metrics` are asked
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from pathlib import Path
@@ -17,7 +18,18 @@ import yaml
 
 from server.metrics import Metrics
 from server.settings import Settings
-from tests.deploy.support import DEPLOY, NGINX_CONF, ROOT, parse_dockerfile
+from tests.deploy.support import (
+    DEPLOY,
+    NGINX_CONF,
+    ROOT,
+    MissingVariable,
+    compose_config,
+    nginx_location_for,
+    nginx_locations,
+    nginx_seconds,
+    parse_dockerfile,
+    published_host_ip,
+)
 
 K8S = DEPLOY / "k8s"
 NOT_MANIFESTS = {"kustomization.yaml", "prometheus-adapter-values.yaml"}
@@ -299,9 +311,14 @@ def test_alert_rules_cover_the_issue_and_name_real_metrics(manifests: list[dict]
 
 # ---- compose, nginx, Prometheus, Grafana --------------------------------------------------------------
 
+# what an operator puts in deploy/.env
+COMPOSE_SECRETS = {"HOPE_API_KEYS": "acme:k1,globex:k2", "REDIS_PASSWORD": "0f1e2d3c4b5a",
+                   "GF_SECURITY_ADMIN_PASSWORD": "grafana-secret"}
+
+
 @pytest.fixture(scope="module")
 def compose() -> dict:
-    return yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    return compose_config(DEPLOY / "compose.yaml", COMPOSE_SECRETS)
 
 
 def hope_services(compose: dict) -> dict[str, dict]:
@@ -331,6 +348,73 @@ def test_compose(compose: dict) -> None:
                 assert (DEPLOY / source).exists(), source
     gpu = yaml.safe_load((DEPLOY / "compose.gpu.yaml").read_text())["services"]
     assert gpu.keys() == hope.keys() and all(s["build"]["args"]["VARIANT"] == "cuda" for s in gpu.values())
+
+
+def test_compose_refuses_to_start_without_its_secrets() -> None:
+    """No key-less API, no password-less Redis, no admin/admin Grafana: each secret missing or
+    empty stops `docker compose` with a message that says where to set it."""
+    for name in COMPOSE_SECRETS:
+        others = {k: v for k, v in COMPOSE_SECRETS.items() if k != name}
+        for env in (others, {**others, name: ""}):
+            with pytest.raises(MissingVariable) as e:
+                compose_config(DEPLOY / "compose.yaml", env)
+            assert e.value.name == name and "deploy/.env" in e.value.message
+
+
+def test_compose_is_safe_by_default(compose: dict) -> None:
+    """Every published port on the loopback unless the operator says otherwise; the secrets
+    reach the replicas, Redis and Grafana."""
+    for name, svc in compose["services"].items():
+        for port in svc.get("ports", []):
+            assert ipaddress.ip_address(published_host_ip(port)).is_loopback, f"{name} publishes {port}"
+    opened = compose_config(DEPLOY / "compose.yaml", {**COMPOSE_SECRETS, "API_PUBLISH_ADDR": "0.0.0.0"})
+    assert [published_host_ip(p) for p in opened["services"]["nginx"]["ports"]] == ["0.0.0.0"]
+
+    password = COMPOSE_SECRETS["REDIS_PASSWORD"]
+    for svc in hope_services(compose).values():
+        env = svc["environment"]
+        assert Settings(api_keys=env["HOPE_API_KEYS"]).keys == {"k1": "acme", "k2": "globex"}
+        store = urlsplit(env["HOPE_STORE"])
+        assert (store.hostname, store.password) == ("redis", password)
+    redis = compose["services"]["redis"]
+    cmd = redis["command"]
+    assert cmd[cmd.index("--requirepass") + 1] == password
+    # redis-cli authenticates from REDISCLI_AUTH; it exits 0 on a NOAUTH reply, so the check
+    # must look for the PONG
+    assert redis["environment"]["REDISCLI_AUTH"] == password
+    assert "PONG" in " ".join(redis["healthcheck"]["test"])
+    grafana = compose["services"]["grafana"]["environment"]
+    assert grafana["GF_SECURITY_ADMIN_PASSWORD"] == COMPOSE_SECRETS["GF_SECURITY_ADMIN_PASSWORD"]
+
+
+def test_nginx_timeouts_fit_the_server() -> None:
+    """nginx has one read timeout, between two reads from a replica (the first byte included), and
+    a frozen replica still accepts connections: only that timeout tells it from a busy one. Turns
+    need a long one, since the lock and slot waits come before their first byte; everything
+    else answers within the replica's store timeouts, so a short one catches a frozen replica."""
+    conf = NGINX_CONF.read_text()
+    upstream = re.search(r"upstream hope \{(.*?)\}", conf, re.S).group(1)
+    assert re.search(r"^\s*zone\s+\S+\s+\d+k;", upstream, re.M), "failure counts shared by the workers"
+    servers = re.findall(r"^\s*server\s+\S+(.*);", upstream, re.M)
+    assert servers and all(int(re.search(r"max_fails=(\d+)", s).group(1)) >= 1 for s in servers)
+    assert re.search(r"^\s*proxy_next_upstream\s+[^;]*\btimeout\b", conf, re.M)
+
+    locations = nginx_locations(conf)
+    turns = [nginx_location_for(locations, path) for path in
+             ("/v1/chat/completions", "/v1/completions", "/v1/sessions/s1/state")]
+    reads = [nginx_location_for(locations, path) for path in
+             ("/v1/sessions/s1", "/v1/sessions", "/v1/models", "/readyz", "/v1/sessions/s1/fork")]
+    assert all(loc is turns[0] for loc in turns) and all(loc is reads[0] for loc in reads)
+    turn, read = turns[0], reads[0]
+    assert turn is not read
+    lock_wait = Settings.model_fields["busy_timeout_s"].default
+    assert nginx_seconds(turn.directives["proxy_read_timeout"]) > lock_wait
+    store_timeout = float(re.search(r"socket_timeout=(\d+)", (ROOT / "server/stores/redis.py").read_text()).group(1))
+    read_timeout = nginx_seconds(read.directives["proxy_read_timeout"])
+    # a replica whose Redis hangs answers 503 itself (one store call, then its timeout): not a failure
+    assert 2 * store_timeout <= read_timeout <= 30
+    assert nginx_seconds(read.directives["proxy_next_upstream_timeout"]) > read_timeout, \
+        "a read that timed out on a frozen replica must still be passed to the next one"
 
 
 def test_nginx_and_prometheus_point_at_the_compose_replicas(compose: dict) -> None:
