@@ -22,7 +22,7 @@ from typing import Any
 import anyio
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from hope_core.engine import PromptAbsorbed, TokenEvent
 from hope_core.engine_process import EngineDied
@@ -320,31 +320,43 @@ def sse_error(err: APIError) -> str:
     return sse(err.body())
 
 
+KEEPALIVE = b": keep-alive\n\n"  # an SSE comment: clients skip it
+
+
 class EventStream(StreamingResponse):
     """SSE whose body generator is cancelled the moment the client disconnects.
 
     Starlette listens for the disconnect only for ASGI spec < 2.4 servers and otherwise notices
     it at the next write; a generation must stop at once either way, so this response always
     listens, and always closes the body generator (running its cleanup) before returning.
+
+    After `keepalive_s` without a write it sends a comment, from a task of its own beside the
+    body generator's (which is never interrupted for it): a proxy that times out silent upstreams
+    (nginx reads with one timeout) then cuts only a server that is frozen, not one absorbing a
+    long prompt.
     """
 
     media_type = "text/event-stream"
 
-    def __init__(self, content: AsyncIterator[str], **kwargs: Any) -> None:
+    def __init__(self, content: AsyncIterator[str], keepalive_s: float = 0, **kwargs: Any) -> None:
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **kwargs.pop("headers", {})}
         super().__init__(content, headers=headers, **kwargs)
+        self.keepalive_s = keepalive_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        wire = _Wire(send)
         try:
             async with anyio.create_task_group() as tg:
                 async def stream_then_stop() -> None:
                     try:
-                        await self.stream_response(send)
+                        await self.stream_response(wire.send)
                     except OSError:  # the socket closed under us: same as a disconnect
                         pass
                     tg.cancel_scope.cancel()
 
                 tg.start_soon(stream_then_stop)
+                if self.keepalive_s > 0:
+                    tg.start_soon(wire.keep_alive, self.keepalive_s)
                 await self.listen_for_disconnect(receive)
                 tg.cancel_scope.cancel()
         finally:
@@ -352,3 +364,30 @@ class EventStream(StreamingResponse):
                 await self.body_iterator.aclose()  # type: ignore[attr-defined]
                 if self.background is not None:
                     await self.background()
+
+
+class _Wire:
+    """An ASGI `send` shared by the response and its keep-alive: one message at a time, and
+    comments only between the headers and the last body message."""
+
+    def __init__(self, send: Send) -> None:
+        self._send, self._lock = send, anyio.Lock()
+        self._last: float | None = None  # when the last message went out (None: no headers yet)
+        self._ended = False
+
+    async def send(self, message: Message) -> None:
+        async with self._lock:
+            await self._send(message)
+            self._last = anyio.current_time()
+            self._ended = message["type"] == "http.response.body" and not message.get("more_body", False)
+
+    async def keep_alive(self, every: float) -> None:
+        while True:
+            due = (self._last or anyio.current_time()) + every
+            await anyio.sleep(max(due - anyio.current_time(), 0))
+            async with self._lock:
+                if self._ended:
+                    return
+                if self._last is not None and anyio.current_time() - self._last >= every:
+                    await self._send({"type": "http.response.body", "body": KEEPALIVE, "more_body": True})
+                    self._last = anyio.current_time()

@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)  # JSON bodies (413 beyond)
     max_state_bytes: int = Field(64 * 1024 * 1024, ge=1024)  # imported/stored state blobs (413 beyond)
     overload_retry_after_s: int = Field(1, ge=1)  # Retry-After of 429 and 503 answers
+    # an SSE comment after this long without an event (a long prompt, a slow step), so that a
+    # proxy's read timeout tells a quiet stream from a frozen server; 0: never
+    sse_keepalive_s: float = Field(10.0, ge=0)
 
     # sessions
     session_ttl_s: float = Field(30 * 86400, ge=0)  # idle time before a session expires; 0: never

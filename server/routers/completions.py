@@ -135,7 +135,7 @@ async def completions(body: CompletionRequest, request: Request, ctx: Ctx,
     if body.stream:
         events = _events(run, body, prompt_text, completion_id, created, model)
         return EventStream(guarded_stream(ctx, run, events, "completion"),
-                           background=BackgroundTask(_cleanup, run, turn))
+                           background=BackgroundTask(_cleanup, run, turn), keepalive_s=ctx.settings.sse_keepalive_s)
 
     try:
         await collect(request, run)

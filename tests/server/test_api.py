@@ -222,9 +222,30 @@ async def test_streaming_chat_format(engine: Engine) -> None:
 
 
 def _stream_chunks(r: httpx.Response) -> list[dict]:
-    events = [line[len("data: "):] for line in r.text.split("\n\n") if line]
+    events = [line[len("data: "):] for line in r.text.split("\n\n") if line and not line.startswith(":")]
     assert r.status_code == 200 and events[-1] == "[DONE]", r.text
     return [json.loads(e) for e in events[:-1]]
+
+
+async def test_a_quiet_stream_sends_comments_that_change_nothing_else(engine: Engine) -> None:
+    """`HOPE_SSE_KEEPALIVE_S`: an SSE comment whenever the stream was quiet that long (here a
+    millisecond: between most events); the events are those of a stream without them."""
+    body = {"messages": [{"role": "user", "content": "word " * 300}], "max_tokens": 12, "temperature": 0,
+            "stream": True, "learn": False, "ignore_eos": True}
+    texts = []
+    for keepalive in (0.001, 0):
+        async with running_app(engine, sse_keepalive_s=keepalive) as api:
+            r = await api.client.post("/v1/chat/completions", json={"model": api.model, **body})
+            texts.append(r.text)
+    quiet, plain = texts
+    assert ": keep-alive\n\n" in quiet and ": keep-alive" not in plain
+    assert quiet.startswith(": keep-alive") and quiet.endswith("data: [DONE]\n\n")  # (while the prompt is read)
+
+    def contents(text: str) -> list:
+        return [c["choices"][0] for c in map(json.loads, (e[len("data: "):] for e in text.split("\n\n")
+                                                          if e.startswith("data: {")))
+                if c["choices"]]
+    assert contents(quiet) == contents(plain)
 
 
 async def test_a_stream_that_ends_on_a_stop_token_lists_its_logprob(engine: Engine) -> None:

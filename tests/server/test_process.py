@@ -33,7 +33,9 @@ def session(base_url: str, sid: str) -> dict:
 
 @pytest.fixture
 def sqlite_server(start_server, tmp_path) -> ServerProcess:
-    return start_server(f"sqlite:///{tmp_path}/sessions.db")
+    # keep-alive comments between most events: clients (the SDK) must skip them, and uvicorn
+    # refuses any that came after the stream's end
+    return start_server(f"sqlite:///{tmp_path}/sessions.db", HOPE_SSE_KEEPALIVE_S="0.002")
 
 
 def test_openai_sdk_streams(sqlite_server: ServerProcess) -> None:
