@@ -191,6 +191,11 @@ class Scheduler:
         """Jobs admitted or waiting."""
         return len(self._waiting) + len(self._prefill) + len(self._decoding)
 
+    @property
+    def queued(self) -> int:
+        """Jobs not admitted yet: they wait for a row of the batch (at most `max_batch` run)."""
+        return len(self._waiting)
+
     # ---- the loop ---------------------------------------------------------------------------------
 
     def _loop(self) -> None:

@@ -86,6 +86,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             ctx.scheduler = Scheduler(eng, max_batch=settings.max_batch_size,
                                       prefill_tokens=settings.prefill_chunk_tokens, threads=threads,
                                       on_step=on_step).start()
+        admission, scheduler = ctx.sessions.admission, ctx.scheduler
+        ctx.metrics.read_requests_from(lambda: admission.running, lambda: admission.waiting,
+                                       lambda: scheduler.queued)
         if not settings.auth_enabled and not settings.loopback_only:
             log.warning("no HOPE_API_KEYS set and listening beyond loopback: anyone who can reach "
                         f"{settings.host}:{settings.port} can read and change every session")

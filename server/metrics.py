@@ -6,7 +6,7 @@ Names are the contract of the issue and of `promtool check metrics`; prometheus_
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
 
@@ -58,9 +58,10 @@ class Metrics:
         self.state_store = Histogram("hope_session_state_store_seconds",
                                      "Encoding a session state and committing it to the store",
                                      buckets=_IO, registry=r)
+        # read when scraped (`read_requests_from`)
         self.running = Gauge("hope_requests_running", "Requests whose engine work is running", registry=r)
-        self.waiting = Gauge("hope_requests_waiting", "Requests queued for an engine slot or a busy session",
-                             registry=r)
+        self.waiting = Gauge("hope_requests_waiting",
+                             "Requests queued for an engine slot, a busy session or a row of the batch", registry=r)
         self.sessions_cached = Gauge("hope_sessions_cached", "Decoded session states held in memory",
                                      registry=r)
         self.cache_bytes = Gauge("hope_session_cache_bytes",
@@ -92,6 +93,16 @@ class Metrics:
             self.request_success.labels(reason)
         for reason in ("absent", "stale"):
             self.cache_misses.labels(reason)
+
+    def read_requests_from(self, holding: Callable[[], int], waiting: Callable[[], int],
+                           queued: Callable[[], int]) -> None:
+        """The request gauges, read when scraped from the requests `holding` an engine slot, those
+        `waiting` for one or for a busy session, and the slot holders' jobs `queued` in the
+        scheduler for a row of the batch. Those count as waiting, not running: with
+        HOPE_MAX_BATCH_SIZE below HOPE_MAX_CONCURRENT_REQUESTS they wait as the others do, and the
+        autoscaler reads hope_requests_waiting."""
+        self.running.set_function(lambda: holding() - queued())
+        self.waiting.set_function(lambda: waiting() + queued())
 
     def observe_updates(self, updates: Iterable[UpdateRecord]) -> None:
         for u in updates:

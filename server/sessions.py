@@ -232,10 +232,11 @@ class StateCache:
 # ---- admission: engine slots and the waiting queue ---------------------------------------------
 
 class Admission:
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    """Engine slots and the queue for them. The request gauges read its counts (Metrics.read_requests_from)."""
+
+    def __init__(self, settings: Settings) -> None:
         self.max_waiting = settings.max_waiting_requests
         self.retry_after = settings.overload_retry_after_s
-        self.metrics = metrics
         self.waiting = 0
         self.running = 0
         self._slots = asyncio.Semaphore(settings.max_concurrent_requests)
@@ -246,12 +247,10 @@ class Admission:
         if self.waiting >= self.max_waiting:
             raise overloaded("too many requests are waiting; try again shortly", self.retry_after)
         self.waiting += 1
-        self.metrics.waiting.inc()
         try:
             yield
         finally:
             self.waiting -= 1
-            self.metrics.waiting.dec()
 
     async def acquire(self) -> None:
         if self._slots.locked():
@@ -260,12 +259,10 @@ class Admission:
         else:
             await self._slots.acquire()
         self.running += 1
-        self.metrics.running.inc()
 
     def release(self) -> None:
         self._slots.release()
         self.running -= 1
-        self.metrics.running.dec()
 
 
 class _LocalLocks:
@@ -505,7 +502,7 @@ class SessionManager:
     def __init__(self, engine: Engine, store: StateStore, settings: Settings, metrics: Metrics) -> None:
         self.engine, self.store, self.settings, self.metrics = engine, store, settings, metrics
         self.cache = StateCache(settings.session_cache_bytes, settings.session_cache_size, metrics)
-        self.admission = Admission(settings, metrics)
+        self.admission = Admission(settings)
         # encoding/decoding states: short, and must not queue behind long generations
         self.io_executor: Executor = ThreadPoolExecutor(4, thread_name_prefix="hope-io",
                                                         initializer=torch.set_num_threads, initargs=(1,))

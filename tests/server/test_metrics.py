@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import threading
+import time
 
+import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from hope_core.engine import Engine
-from tests.server.support import Api, running_app
+from tests.server.support import Api, ServerProcess, running_app
 
 pytestmark = pytest.mark.anyio
 
@@ -91,3 +94,52 @@ async def test_promtool_check_metrics(engine: Engine) -> None:
         text = await api.metrics()
     result = subprocess.run(["promtool", "check", "metrics"], input=text.encode(), capture_output=True, timeout=30)
     assert result.returncode == 0, (result.stdout + result.stderr).decode()
+
+
+def request_gauges(server: ServerProcess) -> tuple[float, float]:
+    text = httpx.get(f"{server.base_url}/metrics").text
+    samples = {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
+    return samples["hope_requests_running"], samples["hope_requests_waiting"]
+
+
+@pytest.mark.parametrize("engine_process", ["false", "true"])
+def test_requests_queued_for_a_row_of_the_batch_count_as_waiting(start_server, engine_process: str) -> None:
+    """Three engine slots and a batch of one row: of three long requests one decodes and two wait
+    in the scheduler's queue. They are waiting (the autoscaler reads that gauge), not running."""
+    server = start_server("memory://", HOPE_MAX_BATCH_SIZE="1", HOPE_MAX_CONCURRENT_REQUESTS="3",
+                          HOPE_MAX_TOKENS_LIMIT="100000", HOPE_ENGINE_PROCESS=engine_process)
+    body = {"model": "hope", "messages": [{"role": "user", "content": "a very long answer"}],
+            "max_tokens": 100000, "ignore_eos": True, "stream": True}
+    streaming = [threading.Event() for _ in range(3)]
+    leave = [threading.Event() for _ in range(3)]
+
+    def stream(i: int) -> None:  # reads until told to leave, then closes the connection
+        with httpx.Client(timeout=60) as client, \
+                client.stream("POST", f"{server.base_url}/v1/chat/completions", json=body) as r:
+            for line in r.iter_lines():
+                if '"content"' in line:
+                    streaming[i].set()
+                if leave[i].is_set():
+                    break
+
+    def wait_for(gauges: tuple[float, float]) -> None:
+        deadline = time.monotonic() + 10
+        while (seen := request_gauges(server)) != gauges:
+            assert time.monotonic() < deadline, f"(running, waiting) is {seen}, expected {gauges}"
+            time.sleep(0.05)
+
+    clients = [threading.Thread(target=stream, args=(i,)) for i in range(3)]
+    clients[0].start()
+    assert streaming[0].wait(30)  # the first one holds the batch's row
+    for client in clients[1:]:
+        client.start()
+    try:
+        wait_for((1, 2))
+        leave[0].set()  # the first one leaves: one of the others takes the row
+        wait_for((1, 1))
+    finally:
+        for e in leave:
+            e.set()  # each one leaves at its first line, giving the row to the next
+        for client in clients:
+            client.join(timeout=60)
+    wait_for((0, 0))
