@@ -331,3 +331,96 @@ def test_characters_split_over_tokens_read_as_typed(server: ServerProcess, open_
     # some characters took several tokens: such a piece is one span carrying all their losses
     assert sum(int(s.get_attribute("data-tokens")) for s in spans) == int(user.get_attribute("data-tokens"))
     assert len(spans) < int(user.get_attribute("data-tokens"))
+
+
+
+def use_key(driver, key: str) -> None:
+    set_field(driver, "api-key", key)
+    driver.find_element(By.CSS_SELECTOR, "#key-form button").click()
+    ready(driver)
+
+
+def start_long_reply(driver, text: str) -> None:
+    """Sends `text` with room for thousands of tokens; returns once the reply is streaming."""
+    set_field(driver, "max_tokens", "4000")
+    driver.find_element(By.ID, "input").send_keys(text)
+    driver.find_element(By.ID, "send").click()
+    wait(driver, lambda d: int(d.find_element(By.CSS_SELECTOR, 'article.assistant[data-state="streaming"]')
+                               .get_attribute("data-chunks") or 0) >= 5)
+
+
+# What the page does mid-reply runs in one script, which then clicks Stop: a long reply of the
+# tiny model streams faster than the page renders it, and the page soon answers the driver's
+# many round trips of a click or of typing too slowly.
+STOP_AFTER = """
+const s = document.getElementById('status'), msgs = () => document.querySelectorAll('article.msg').length;
+const seen = {};
+%s
+document.getElementById('stop').click();
+return seen;
+"""
+
+
+def test_after_a_reload_the_key_form_holds_the_saved_key(keyed_server: ServerProcess, open_page) -> None:
+    """The form shows the key in use, so that "Use key" keeps it (it once showed an empty field,
+    and "Use key" then deleted the saved key and locked the page out)."""
+    page = open_page(keyed_server.base_url)
+    wait(page, lambda d: d.find_element(By.ID, "key-form").is_displayed())
+    use_key(page, "acme-key")
+    page.refresh()
+    ready(page)
+    assert page.find_element(By.ID, "key-form").is_displayed()
+    assert page.find_element(By.ID, "api-key").get_attribute("value") == "acme-key"
+    page.find_element(By.CSS_SELECTOR, "#key-form button").click()
+    ready(page)
+    assert page.execute_script("return localStorage.getItem('hope.playground.apiKey')") == "acme-key"
+
+
+def test_use_key_during_a_reply_keeps_the_turn(keyed_server: ServerProcess, open_page) -> None:
+    """"Use key" while a reply streams would start the page over, and the turn would be lost from
+    the transcript: the page refuses, and the turn stays, also after a reload."""
+    page = open_page(keyed_server.base_url)
+    wait(page, lambda d: d.find_element(By.ID, "key-form").is_displayed())
+    use_key(page, "acme-key")
+    deterministic(page)
+    start_long_reply(page, "A turn in flight.")
+    seen = page.execute_script(STOP_AFTER % """
+      document.querySelector('#key-form button').click();
+      seen.status = s.textContent;
+      seen.streaming = document.querySelectorAll('article.msg[data-state="streaming"]').length;""")
+    for _ in range(2):  # on the page, and in the transcript it keeps
+        wait(page, lambda d: len(d.find_elements(By.CSS_SELECTOR, 'article.msg[data-state="stopped"]')) == 2)
+        user = page.find_elements(By.CSS_SELECTOR, "article.msg.user")
+        assert [u.find_element(By.CSS_SELECTOR, ".body").text for u in user] == ["A turn in flight."]
+        page.refresh()
+        ready(page)
+    assert seen == {"status": "stop the reply or let it finish, then change the key", "streaming": 2}
+
+
+def test_send_again_during_a_reply_keeps_the_draft(server: ServerProcess, open_page) -> None:
+    page = open_page(server.base_url)
+    ready(page)
+    deterministic(page)
+    send(page, FACT)
+    start_long_reply(page, "Tell me a long story.")
+    seen = page.execute_script(STOP_AFTER % """
+      document.getElementById('input').value = 'a draft of the next message';
+      document.querySelector('article.msg.user button.again').click();
+      seen.draft = document.getElementById('input').value;
+      seen.messages = msgs();""")
+    assert seen == {"draft": "a draft of the next message", "messages": 4}  # and no turn was started
+    wait(page, lambda d: len(d.find_elements(By.CSS_SELECTOR, 'article.msg[data-state="stopped"]')) == 2)
+    assert page.find_element(By.ID, "input").get_attribute("value") == "a draft of the next message"
+
+
+def test_a_lost_connection_says_so(learner_checkpoint: Path, open_page, tmp_path: Path) -> None:
+    """A server that cannot be reached is named as such, not by fetch's "Failed to fetch"."""
+    server = ServerProcess(learner_checkpoint, "memory://", tmp_path / "server.log")
+    try:
+        page = open_page(server.base_url)
+        ready(page)
+        server.kill()
+        page.find_element(By.ID, "refresh-sessions").click()
+        wait(page, lambda d: d.find_element(By.ID, "status").text.startswith("lost the connection to the server"))
+    finally:
+        server.stop()
