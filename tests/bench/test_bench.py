@@ -267,3 +267,20 @@ def test_quick_http_run_reports_the_engine_alone_beside_the_server(tiny: Path, t
     # quick: 16 tokens a request, at least 4 requests a level, every one of them served
     assert all(r["output_tokens"] == r["requests"] * 16 for r in data["http"]["engine_alone"])
     assert all(r["output_tokens"] == r["requests"] * 16 and r["errors"] == 0 for r in data["http"]["levels"])
+
+
+def test_a_relative_checkpoint_is_found_from_where_the_command_runs(tiny: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The HTTP part's processes run from the repository's root: a relative --checkpoint must
+    still name the directory below where `hope bench` was started."""
+    from bench import cli
+
+    monkeypatch.chdir(tmp_path)
+    relative = os.path.relpath(tiny, tmp_path)
+    assert not Path(relative).is_absolute() and not (http_load.ROOT / relative).exists()
+    cli.main(["--quick", "--device", "cpu", "--checkpoint", relative, "--only", "http", "--levels", "1",
+              "--threads", "1", "--json", "bench.json"])
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["failed"] == {}
+    assert [r["concurrency"] for r in data["http"]["engine_alone"]] == [1]
+    assert [(r["concurrency"], r["errors"]) for r in data["http"]["levels"]] == [(1, 0)]
