@@ -237,6 +237,7 @@ class Admission:
     def __init__(self, settings: Settings) -> None:
         self.max_waiting = settings.max_waiting_requests
         self.retry_after = settings.overload_retry_after_s
+        self.timeout_s = settings.busy_timeout_s
         self.waiting = 0
         self.running = 0
         self._slots = asyncio.Semaphore(settings.max_concurrent_requests)
@@ -253,9 +254,16 @@ class Admission:
             self.waiting -= 1
 
     async def acquire(self) -> None:
+        """A slot, or 429 after `busy_timeout_s` in the queue: a request never waits unseen for
+        longer than that before its answer begins (a proxy's read timeout must outlast it)."""
         if self._slots.locked():
             with self.queued():
-                await self._slots.acquire()
+                try:
+                    with anyio.fail_after(self.timeout_s):
+                        await self._slots.acquire()
+                except TimeoutError:
+                    raise overloaded(f"no engine slot came free in {self.timeout_s:g} s; try again shortly",
+                                     self.retry_after) from None
         else:
             await self._slots.acquire()
         self.running += 1

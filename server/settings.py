@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     # sessions
     session_ttl_s: float = Field(30 * 86400, ge=0)  # idle time before a session expires; 0: never
     busy_policy: Literal["wait", "reject"] = "wait"  # second request on a busy session: queue or 409
-    busy_timeout_s: float = Field(60.0, gt=0)  # how long a queued request waits (then 409)
+    busy_timeout_s: float = Field(60.0, gt=0)  # how long a queued request waits (a busy session: 409; a slot: 429)
     lock_ttl_s: float = Field(30.0, gt=0)  # lease of a session lock; renewed while the request runs
     state_dtype: Literal["float32", "bfloat16"] = "float32"  # floats in stored states
     # the session cache: decoded states kept in memory (on the engine's device), least recently

@@ -206,6 +206,23 @@ async def test_429_overloaded(engine: Engine) -> None:
         await api.session("s2", expect=404)
 
 
+async def test_429_after_waiting_too_long_for_an_engine_slot(engine: Engine) -> None:
+    """The queue for an engine slot is bounded in time as the one for a busy session is: a
+    request is refused (429, and changes nothing) instead of waiting unseen behind long ones."""
+    async with running_app(engine, max_concurrent_requests=1, busy_timeout_s=0.3, overload_retry_after_s=2) as api:
+        slow = asyncio.create_task(api.client.post(
+            "/v1/chat/completions", json=chat_body(api, session_id="s1", max_tokens=2000, ignore_eos=True)))
+        await _wait_running(api, 1)
+        for sid in ("s2", None):  # a stored session (its lock is given back) and an ephemeral one
+            r = await api.client.post("/v1/chat/completions", json=chat_body(api, session_id=sid, stream=True))
+            assert "0.3 s" in assert_error(r, 429, code="overloaded")["message"]
+            assert r.headers["Retry-After"] == "2"
+        assert api.app.state.ctx.sessions.admission.waiting == 0
+        assert (await slow).status_code == 200
+        await api.session("s2", expect=404)
+        assert (await api.client.post("/v1/chat/completions", json=chat_body(api, session_id="s2"))).status_code == 200
+
+
 async def test_503_store_unreachable(engine: Engine) -> None:
     async with running_app(engine, store=f"redis://127.0.0.1:{free_port()}/0", overload_retry_after_s=2) as api:
         r = await api.client.post("/v1/chat/completions", json=chat_body(api, session_id="s"))
