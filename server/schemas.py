@@ -25,6 +25,7 @@ from pydantic import (
     Field,
     StringConstraints,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -217,7 +218,11 @@ class ChatRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     # text, or token ids of the served tokenizer (as OpenAI's and vLLM's clients send them)
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Annotated[str | list[int], WithJsonSchema({"anyOf": [
+        {"type": "string"}, {"type": "array", "items": {"type": "integer"}, "minItems": 1},
+        {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1},
+        {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}, "minItems": 1, "maxItems": 1},
+    ]})]
     max_tokens: int | None = Field(None, ge=0)  # None: OpenAI's 16 (capped by the limit); 0 scores the prompt
     echo: bool = False
     # each token's log-probability, with the `logprobs` most likely tokens and the token itself
@@ -236,17 +241,27 @@ class CompletionRequest(SamplingFields):
     def _one_best(cls, v: int) -> int:
         return _neutral(v, v == 1, "only best_of=1 is supported (a session is one stream)")
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="before")
     @classmethod
-    def _one_prompt(cls, v: str | list[str] | list[int] | list[list[int]]) -> str | list[int]:
-        """One text, or one list of token ids (ids are checked against the vocabulary later)."""
-        if isinstance(v, str) or (v and all(isinstance(t, int) for t in v)):
+    def _one_prompt(cls, v: Any) -> Any:
+        """One text, or one list of token ids (checked against the vocabulary later), alone or
+        in a list of one. The shape is checked here, in one pass: a union of list types would
+        be tried member by member on every element of a list of two million ids, with an error
+        for each element that fails, all turned into one answer on the event loop."""
+        if isinstance(v, str) or _token_ids(v, empty=False):
             return v
-        if not v:
+        if isinstance(v, list) and len(v) == 1 and (isinstance(v[0], str) or _token_ids(v[0], empty=True)):
+            return v[0]
+        if v == []:
             raise ValueError("an empty list is no prompt: send a string or a list of token ids")
-        if len(v) != 1:
+        if isinstance(v, list) and all(isinstance(p, str) or _token_ids(p, empty=True) for p in v):
             raise ValueError("exactly one prompt per request (a session is one stream)")
-        return v[0]
+        raise ValueError("a prompt is a string or a list of token ids (integers), or a list of one of either")
+
+
+def _token_ids(v: Any, empty: bool) -> bool:
+    """Whether `v` is a list of token ids: integers, not booleans (JSON's true is no id)."""
+    return isinstance(v, list) and (empty or bool(v)) and all(type(t) is int for t in v)
 
 
 class TokenizeRequest(OpenAIRequest):
@@ -256,15 +271,16 @@ class TokenizeRequest(OpenAIRequest):
 
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    messages: list[ChatMessage] | None = Field(None, min_length=1, validate_default=True)
     add_generation_prompt: bool = True  # messages: end with <|assistant|>, as chat's prompt does
     return_token_strs: bool = False
 
-    @model_validator(mode="after")
-    def _one_input(self) -> TokenizeRequest:
-        if (self.prompt is None) == (self.messages is None):
+    @field_validator("messages")
+    @classmethod
+    def _one_input(cls, v: list[ChatMessage] | None, info: ValidationInfo) -> list[ChatMessage] | None:
+        if (info.data.get("prompt") is None) == (v is None):
             raise ValueError("give either prompt or messages")
-        return self
+        return v
 
 
 class DetokenizeRequest(OpenAIRequest):

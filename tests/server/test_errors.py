@@ -64,9 +64,14 @@ async def test_400_bad_input(engine: Engine) -> None:
                      param="top_logprobs")
         assert_error(await post("/v1/completions", json={"model": api.model, "prompt": "x", "logprobs": 6}), 400,
                      param="logprobs")
-        for prompt in ([5, 1 << 20], [-1], [[1, 2], [3]], []):
+        for prompt in ([5, 1 << 20], [-1], [[1, 2], [3]], [], [True, False], [1, 2.5], [[1], "a"]):
             r = await post("/v1/completions", json={"model": api.model, "prompt": prompt, "session_id": "ids"})
             assert_error(r, 400, param="prompt")
+        # one bad entry in a long list of ids is one error, found in one pass (a union of list
+        # types used to report every element against every member, which took seconds)
+        r = await post("/v1/completions", json={"model": api.model, "prompt": [1] * 200_000 + ["x"]})
+        assert assert_error(r, 400, param="prompt")["message"].startswith("prompt: a prompt is a string")
+        assert_error(await post("/tokenize", json={}), 400, param="messages")
         assert_error(await api.client.get("/v1/sessions/ids"), 404)  # nothing was absorbed
         for name, value in (("suffix", "end"), ("best_of", 3)):
             r = await post("/v1/completions", json={"model": api.model, "prompt": "x", name: value})
