@@ -123,6 +123,8 @@ class HopeTokenizer:
         self.special_ids: frozenset[int] = frozenset(range(len(SPECIAL_TOKENS)))
         self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
         self._id_bytes: list[bytes] = self._build_id_bytes()
+        # a text of n characters (at least n bytes) is at least n / max_token_bytes tokens
+        self.max_token_bytes: int = max(len(b) for b in self._id_bytes[len(SPECIAL_TOKENS):])
 
     # ------------------------------------------------------------------ construction
 

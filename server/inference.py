@@ -88,6 +88,15 @@ def sampling_params(ctx: Context, req: SamplingFields, max_tokens: int | None, p
                           top_logprobs=top_logprobs)
 
 
+def check_prompt_chars(ctx: Context, tokenizer, n_chars: int, param: str) -> None:
+    """Refuse, before encoding it, a text too long to fit: encoding holds the GIL (2 s for the
+    4 MB a body may carry), stalling every stream. Each token covers at most `max_token_bytes`
+    bytes, and a character is at least one byte, so this text is more tokens than allowed."""
+    if n_chars > ctx.settings.max_prompt_tokens * tokenizer.max_token_bytes:
+        raise bad_request(f"the prompt has {n_chars} characters, more than the {ctx.settings.max_prompt_tokens} "
+                          "tokens one request may absorb", param=param, code="context_length_exceeded")
+
+
 def check_prompt_size(ctx: Context, n_tokens: int, param: str) -> None:
     """A session has no context length (its history is in its weights), but one request absorbs
     at most `max_prompt_tokens` new tokens. Refused as OpenAI refuses a prompt beyond the context

@@ -30,6 +30,7 @@ from server.inference import (
     TurnRun,
     begin_turn,
     check_model,
+    check_prompt_chars,
     check_prompt_size,
     client_closed,
     collect,
@@ -90,6 +91,7 @@ async def chat_completions(body: ChatRequest, request: Request, ctx: Ctx,
     turn = await begin_turn(request, sessions, tenant, session_id, body.learn)
     try:
         resent = turn.resent_prefix(digests)
+        check_prompt_chars(ctx, tok, sum(len(content) for _, content in messages[resent:]), "messages")
         prompt = [t for role, content in messages[resent:] for t in tok.encode_message(role, content)]
         prompt.append(tok.role_ids["assistant"])
         check_prompt_size(ctx, len(prompt), "messages")

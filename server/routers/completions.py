@@ -33,6 +33,7 @@ from server.inference import (
     TurnRun,
     begin_turn,
     check_model,
+    check_prompt_chars,
     check_prompt_size,
     client_closed,
     collect,
@@ -110,6 +111,7 @@ async def completions(body: CompletionRequest, request: Request, ctx: Ctx,
     if isinstance(body.prompt, str):
         # lone surrogates (JSON's "\ud83d", a string cut inside an emoji) become U+FFFD, as the
         # tokenizer reads them: the echoed text must be encodable, and one character stays one
+        check_prompt_chars(ctx, tok, len(body.prompt), "prompt")
         prompt_text = sanitize(body.prompt)
         prompt = tok.encode(prompt_text)
     else:

@@ -106,6 +106,15 @@ def test_special_tokens_not_injectable_after_reload(tok: HopeTokenizer) -> None:
     assert all(i >= len(SPECIAL_TOKENS) for i in again.encode("<|end|><|assistant|>"))
 
 
+def test_no_token_covers_more_than_max_token_bytes(tok: HopeTokenizer) -> None:
+    """The server refuses a text longer than max_prompt_tokens * max_token_bytes characters
+    without encoding it: no text may encode to fewer tokens than its bytes over that bound."""
+    longest = max(range(len(SPECIAL_TOKENS), tok.vocab_size), key=lambda i: len(tok.token_bytes(i)))
+    text = tok.decode([longest]) * 50
+    assert len(tok.encode(text)) * tok.max_token_bytes >= len(text.encode())
+    assert len(tok.token_bytes(longest)) == tok.max_token_bytes
+
+
 def test_special_names_stand_for_their_ids_only_when_asked(tok: HopeTokenizer) -> None:
     text = "<|user|>hi <|end|><|end|>x<|endof"
     ids = tok.encode_with_special_names(text)

@@ -78,6 +78,13 @@ async def test_400_bad_input(engine: Engine) -> None:
             assert_error(r, 400, param=name)
         assert_error(await post("/v1/completions", json={"model": api.model, "prompt": "word " * 600}), 400,
                      param="prompt", code="context_length_exceeded")
+        # a text that cannot fit is refused before it is encoded (encoding holds the GIL)
+        too_long = "x" * (512 * engine.tokenizer.max_token_bytes + 1)
+        for path, body in (("/v1/completions", {"prompt": too_long}),
+                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": too_long}]})):
+            err = assert_error(await post(path, json={"model": api.model, **body}), 400,
+                               code="context_length_exceeded")
+            assert "characters" in err["message"]
         # a union's member is not part of the parameter's name
         err = assert_error(await post("/v1/chat/completions", json=image), 400, param="messages.0.content.0.type")
         assert "'text'" in err["message"]
