@@ -304,8 +304,13 @@ class StreamDecoder:
     @property
     def pending(self) -> bool:
         """True while bytes of an incomplete character are held back."""
+        return bool(self.held_bytes)
+
+    @property
+    def held_bytes(self) -> bytes:
+        """The bytes of an incomplete character held back."""
         buffered, _ = self._decoder.getstate()
-        return bool(buffered)
+        return buffered
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> HopeTokenizer:

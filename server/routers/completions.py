@@ -10,6 +10,7 @@ at <|endoftext|> unless `ignore_eos`.
 
 from __future__ import annotations
 
+import codecs
 import logging
 import time
 import uuid
@@ -76,17 +77,34 @@ def _top_map(tokenizer, token: int, logprob: float, top: Alternatives) -> dict[s
 class _Offsets:
     """Where each token's text starts after `start` characters, token after token. Offsets
     follow the incremental UTF-8 decoding, so a token that only completes a character begun by
-    the previous one starts where that character does."""
+    the previous one starts where that character does; bytes held back that this token does not
+    complete read as U+FFFD, which belongs to the tokens before it."""
 
     def __init__(self, tokenizer, start: int) -> None:
+        self.tokenizer = tokenizer
         self.decoder, self.pos = tokenizer.stream_decoder(), start
 
     def take(self, token_ids: Sequence[int]) -> list[int]:
         out = []
         for t in token_ids:
-            out.append(self.pos)
+            held = self.decoder.held_bytes
+            if held and not _continues(held, self.tokenizer.token_bytes(t)):
+                out.append(self.pos + len(held.decode("utf-8", errors="replace")))
+            else:
+                out.append(self.pos)
             self.pos += len(self.decoder.push(t))
         return out
+
+
+def _continues(held: bytes, following: bytes) -> bool:
+    """Whether `following` goes on with the character whose first bytes are `held` (finishing
+    it or not) rather than breaking it."""
+    size = 2 if held[0] < 0xE0 else 3 if held[0] < 0xF0 else 4  # from the lead byte
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(held + following[:size - len(held)], final=False)
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _merge(a: CompletionLogprobs | None, b: CompletionLogprobs) -> CompletionLogprobs:

@@ -13,6 +13,7 @@ from safetensors.torch import load
 
 from hope_core.engine import Engine
 from hope_core.sampling import SamplingParams
+from hope_core.tokenizer import SPECIAL_TOKENS
 from tests.server.support import running_app
 
 pytestmark = pytest.mark.anyio
@@ -381,6 +382,24 @@ async def test_chat_top_logprobs(engine: Engine) -> None:
         assert streamed == content
         plain = (await api.chat("hi", logprobs=True, max_tokens=6, ignore_eos=True, learn=False))
         assert all(c["top_logprobs"] == [] for c in plain["choices"][0]["logprobs"]["content"])
+
+
+async def test_text_offsets_of_a_character_cut_in_two(engine: Engine) -> None:
+    """Token ids that spell a character byte by byte start where it does; a lone first byte
+    reads U+FFFD, and the token after it starts after that character."""
+    tok = engine.tokenizer
+    byte = {tok.token_bytes(i)[0]: i for i in range(len(SPECIAL_TOKENS), tok.vocab_size)
+            if len(tok.token_bytes(i)) == 1}
+    emoji = "😀".encode()
+    x, y, z = (tok.encode(c)[0] for c in "xyz")
+    cases = {(x, *(byte[b] for b in emoji), y): ("x😀y", [0, 1, 1, 1, 1, 2]),
+             (x, byte[emoji[0]], y, z): ("x\ufffdyz", [0, 1, 2, 3]),
+             (x, byte[emoji[0]], byte[emoji[1]], y): ("x\ufffdy", [0, 1, 1, 2])}
+    async with running_app(engine) as api:
+        for ids, (text, offsets) in cases.items():
+            body = {"model": api.model, "prompt": list(ids), "max_tokens": 0, "echo": True, "logprobs": 0}
+            choice = (await api.client.post("/v1/completions", json=body)).json()["choices"][0]
+            assert (choice["text"], choice["logprobs"]["text_offset"]) == (text, offsets)
 
 
 async def test_completions_generate_and_echo(engine: Engine) -> None:
