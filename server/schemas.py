@@ -3,7 +3,7 @@
 Extensions (all optional, ignored by OpenAI clients): requests take `session_id`, `learn`,
 `top_k` and `ignore_eos`; `stream_options.include_surprise` adds each token's loss to the
 stream; responses carry a `session` object (id, version, tokens absorbed, messages recognised as
-re-sent).
+re-sent, whether it learned).
 
 OpenAI parameters that would change the output and are not implemented (the penalties,
 `logit_bias`, `tools` and `functions`, a `response_format` other than text, completions'

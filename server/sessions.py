@@ -8,7 +8,7 @@ transaction on it:
    exclude each other, and a holder whose lease ran out can no longer commit). A busy session
    makes a request wait up to `busy_timeout_s` or, with `busy_policy=reject`, answers 409.
 2. Take an engine slot (at most `max_concurrent_requests` run; `max_waiting_requests` may queue
-   for a slot or a session, beyond that: 429).
+   for a slot or a session, beyond that: 429; a slot not free within `busy_timeout_s`: 429).
 3. Load: metadata and message history, and the state blob unless the decoded state of exactly
    this version (and incarnation) is still in the session cache (`StateCache`).
 4. Work on a copy (`SessionState.copy()`; the engine never modifies tensors in place).

@@ -27,7 +27,9 @@ TOKENIZER_PATHS = ("/tokenize", "/detokenize", "/tokenizer_info")
 # text it renders, tokenized here, is the ids chat absorbs for the same messages
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ 'system' if m['role'] == 'developer' else m['role'] }}|>"
-    "{{ m['content'] }}<|end|>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    "{% if m['content'] is string %}{{ m['content'] }}"
+    "{% elif m['content'] %}{% for part in m['content'] %}{{ part['text'] }}{% endfor %}{% endif %}"
+    "<|end|>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 router = APIRouter(tags=["tokenizer"], dependencies=[Depends(get_tenant)])
 

@@ -60,7 +60,9 @@ async def test_a_client_can_tokenize_for_the_server_as_lm_eval_does(engine: Engi
         assert chat_ids == [tok.role_ids["system"], *tok.encode("Be brief."), tok.end_id,
                             tok.role_ids["user"], *typed, tok.end_id, tok.role_ids["assistant"]]
         assert await tokenize(rendered) != chat_ids
-        plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say it now"}]
+        plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say it now"},
+                 {"role": "assistant", "content": None},
+                 {"role": "user", "content": [{"type": "text", "text": "in "}, {"type": "text", "text": "parts"}]}]
         rendered = jinja2.Template(info["chat_template"]).render(messages=plain, add_generation_prompt=True)
         assert await tokenize(rendered) == (await api.client.post("/tokenize", json={"messages": plain})).json()[
             "tokens"]
