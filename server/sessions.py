@@ -254,8 +254,10 @@ class Admission:
             self.waiting -= 1
 
     async def acquire(self) -> None:
-        """A slot, or 429 after `busy_timeout_s` in the queue: a request never waits unseen for
-        longer than that before its answer begins (a proxy's read timeout must outlast it)."""
+        """A slot, or 429 after `busy_timeout_s` in the queue, so that a request does not wait
+        unseen for a slot for longer than that (a proxy's read timeout must outlast it). With
+        `max_batch_size` below `max_concurrent_requests`, its job may then still wait in the
+        scheduler's queue for a row of the batch, without a deadline."""
         if self._slots.locked():
             with self.queued():
                 try:
