@@ -22,7 +22,7 @@ from torch import Tensor
 
 from hope_core.checkpoint import Checkpoint, load_checkpoint
 from hope_core.model import LEVELS, ChunkMetrics, HopeLM, Learning, State
-from hope_core.sampling import Alternatives, SamplingParams, StopMatcher, alternatives_of, sample, top_alternatives
+from hope_core.sampling import Alternatives, SamplingParams, StopMatcher, sample, top_alternatives
 from hope_core.state import SessionState
 
 
@@ -301,8 +301,9 @@ class Engine:
         lps = logp.gather(-1, targets[..., None])[..., 0].tolist()
         if not alternatives:
             return lps, [[] for _ in lps]
-        ids, values = top_alternatives(logp, alternatives)
-        return lps, [alternatives_of(i, v, alternatives) for i, v in zip(ids.tolist(), values.tolist())]
+        ids, values = top_alternatives(logp, alternatives)  # [B, T, k] each
+        return lps, [[list(zip(t_ids, t_lps)) for t_ids, t_lps in zip(row_ids, row_lps)]
+                     for row_ids, row_lps in zip(ids.tolist(), values.tolist())]
 
     # ---- generating ----------------------------------------------------------------------
 

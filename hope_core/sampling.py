@@ -110,11 +110,6 @@ def top_alternatives(logp: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return ids.gather(-1, by_value), values.gather(-1, by_value)
 
 
-def alternatives_of(ids: list[list[int]], logps: list[list[float]], k: int) -> list[Alternatives]:
-    """Rows of `top_alternatives` read to the host, cut to each row's first k."""
-    return [list(zip(i[:k], lp[:k], strict=True)) for i, lp in zip(ids, logps, strict=True)]
-
-
 class StopMatcher:
     """Streams text while holding back anything that might be the start of a stop string."""
 

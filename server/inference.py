@@ -97,6 +97,12 @@ def check_prompt_chars(ctx: Context, tokenizer, n_chars: int, param: str) -> Non
                           "tokens one request may absorb", param=param, code="context_length_exceeded")
 
 
+def check_token_ids(tokenizer, ids: Sequence[int], param: str) -> None:
+    """Token ids a client sent (a completions prompt, /detokenize) must be the tokenizer's."""
+    if any(not 0 <= t < tokenizer.vocab_size for t in ids):
+        raise bad_request(f"a token id is outside the vocabulary (0 to {tokenizer.vocab_size - 1})", param=param)
+
+
 def check_prompt_size(ctx: Context, n_tokens: int, param: str) -> None:
     """A session has no context length (its history is in its weights), but one request absorbs
     at most `max_prompt_tokens` new tokens. Refused as OpenAI refuses a prompt beyond the context

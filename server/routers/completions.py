@@ -36,6 +36,7 @@ from server.inference import (
     check_model,
     check_prompt_chars,
     check_prompt_size,
+    check_token_ids,
     client_closed,
     collect,
     guarded_stream,
@@ -134,9 +135,7 @@ async def completions(body: CompletionRequest, request: Request, ctx: Ctx,
         prompt = tok.encode(prompt_text)
     else:
         prompt = list(body.prompt)
-        if any(not 0 <= t < tok.vocab_size for t in prompt):
-            raise APIError(400, f"a prompt token id is outside the vocabulary (0 to {tok.vocab_size - 1})",
-                           param="prompt", code="invalid_value")
+        check_token_ids(tok, prompt, "prompt")
         prompt_text = tok.decode(prompt)
     if not prompt and params.max_tokens == 0:
         raise APIError(400, "nothing to do: an empty prompt and max_tokens=0", param="prompt", code="invalid_value")

@@ -17,8 +17,7 @@ from fastapi import APIRouter, Depends
 
 from hope_core.tokenizer import ENDOFTEXT, SPECIAL_TOKENS
 from server.auth import Ctx, Sessions, get_tenant
-from server.errors import bad_request
-from server.inference import check_model
+from server.inference import check_model, check_token_ids
 from server.schemas import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse, TokenizerInfo
 
 TOKENIZER_PATHS = ("/tokenize", "/detokenize", "/tokenizer_info")
@@ -55,8 +54,7 @@ async def detokenize(body: DetokenizeRequest, ctx: Ctx, sessions: Sessions) -> D
     if body.model is not None:
         check_model(ctx, body.model)
     tok = sessions.engine.tokenizer
-    if any(not 0 <= t < tok.vocab_size for t in body.tokens):
-        raise bad_request(f"a token id is outside the vocabulary (0 to {tok.vocab_size - 1})", param="tokens")
+    check_token_ids(tok, body.tokens, "tokens")
     return DetokenizeResponse(prompt=tok.decode(body.tokens))
 
 
