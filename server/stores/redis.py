@@ -9,20 +9,24 @@ and one Lua script can touch them all atomically:
     <prefix>:{tenant:session}:lock    string: the lock's fencing token, with a lease (PX)
     <prefix>:{tenant:session}:fence   counter: the last fencing token handed out
     <prefix>:idx:{tenant}             sorted set of the tenant's session ids, for listing by id
+    <prefix>:exp:{tenant}             sorted set of the same ids by when each expires (with a TTL)
 
 A commit is one Lua script: compare the stored version and uid, check that the caller's token
 still holds the lock, then write state, history and meta and refresh their TTL. A full Redis
 (maxmemory) refuses a script's first write command that may grow memory, and lets the rest of
 a script run once one write has: so each script's first write is such a command (SET, HSET,
 INCR), and a full Redis refuses the whole script, never half of it. The index lives in
-another slot, so it is updated after the commit and cleaned lazily when listing meets a session
-that expired.
+another slot, so it is updated after the commit. Sessions that expire leave their entries behind;
+listing drops those it meets, and each write checks the few entries whose session should have
+expired by then, so the index of a tenant that never lists stays the size of its live sessions.
+The index's own TTL follows its sessions': a tenant gone quiet leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
+import time
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
@@ -95,6 +99,11 @@ _UNAVAILABLE = (rex.ConnectionError, rex.TimeoutError, rex.BusyLoadingError, rex
                 rex.ClusterDownError, rex.TryAgainError, OSError)
 
 
+# Index entries checked, at most, per write: each write adds one, so the sweep keeps up with any
+# rate of sessions expiring.
+_SWEEP = 16
+
+
 def _ms(seconds: float) -> int:
     return max(int(seconds * 1000), 1) if seconds > 0 else 0
 
@@ -127,6 +136,9 @@ class RedisStore(StateStore):
 
     def index_key(self, tenant: str) -> str:
         return f"{self.prefix}:idx:{{{tenant}}}"
+
+    def expiry_key(self, tenant: str) -> str:
+        return f"{self.prefix}:exp:{{{tenant}}}"
 
     async def _call(self, coro):
         try:
@@ -196,14 +208,63 @@ class RedisStore(StateStore):
         return ok
 
     async def _index(self, meta: SessionMeta) -> None:
-        """List a session that was just written. The write is done whatever happens here: a
-        failure (Redis full or gone since) is logged, not raised, and the session is listed
-        again by its next commit."""
+        """List a session that was just written, and drop a few entries of sessions that
+        expired. The write is done whatever happens here: a failure (Redis full or gone since)
+        is logged, not raised, and the session is listed again by its next commit."""
         try:
-            await self._call(self._redis.zadd(self.index_key(meta.tenant), {meta.session_id: 0}))
+            await self._call(self._write_index(meta.tenant, meta.session_id))
         except StoreUnavailable:
             log.warning("redis store: a written session could not be indexed for listing",
                         extra={"session": meta.session_id}, exc_info=True)
+
+    async def _write_index(self, tenant: str, session_id: str) -> None:
+        index, expiry = self.index_key(tenant), self.expiry_key(tenant)
+        if not self.ttl_s:  # nothing expires: delete keeps the index exact
+            await self._redis.zadd(index, {session_id: 0})
+            return
+        now, ttl = int(time.time() * 1000), _ms(self.ttl_s)
+        async with self._redis.pipeline(transaction=True) as pipe:  # one slot: {tenant}
+            pipe.zadd(index, {session_id: 0}).zadd(expiry, {session_id: now + ttl})
+            self._outlive(pipe, tenant, ttl)
+            pipe.zrangebyscore(expiry, "-inf", now, start=0, num=_SWEEP)
+            due = (await pipe.execute())[-1]
+        if not due:
+            return
+        # a clock's view of "expired": the session's own keys are what tell (a lock's lease,
+        # or another replica's clock, may have kept one alive)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for sid in due:
+                pipe.pttl(self.key(tenant, sid.decode(), "meta"))
+            left = await pipe.execute()
+        gone = [sid for sid, ms in zip(due, left, strict=True) if ms == -2]
+        alive = {sid: now + ms if ms >= 0 else "+inf" for sid, ms in zip(due, left, strict=True) if ms != -2}
+        if gone:
+            await self._unindex(tenant, *gone)
+        if alive:
+            await self._redis.zadd(expiry, alive, xx=True)
+
+    def _outlive(self, pipe, tenant: str, ms: int) -> None:
+        """The index keys live at least `ms` more, never less than before (NX sets a first TTL,
+        GT only lengthens one): they outlive every session they list, whose writes and lock
+        leases call this."""
+        for key in (self.index_key(tenant), self.expiry_key(tenant)):
+            pipe.pexpire(key, ms, nx=True).pexpire(key, ms, gt=True)
+
+    async def _outlive_lease(self, tenant: str, ttl_s: float) -> None:
+        """Best effort, as `_index`: the lock is what the caller asked for, and it holds."""
+        if not self.ttl_s:
+            return
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                self._outlive(pipe, tenant, _ms(ttl_s))
+                await self._call(pipe.execute())
+        except StoreUnavailable:
+            log.warning("redis store: the listing index's TTL could not follow a lock's lease", exc_info=True)
+
+    async def _unindex(self, tenant: str, *session_ids: bytes | str) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(self.index_key(tenant), *session_ids).zrem(self.expiry_key(tenant), *session_ids)
+            await self._call(pipe.execute())
 
     async def delete(self, tenant: str, session_id: str) -> bool:
         meta_k, state_k, hist_k, fence_k = self._keys(tenant, session_id, "meta", "state", "hist", "fence")
@@ -214,12 +275,11 @@ class RedisStore(StateStore):
                 return await pipe.execute()
 
         found = (await self._call(run()))[0] == 1
-        index = self.index_key(tenant)
-        await self._call(self._redis.zrem(index, session_id))
+        await self._unindex(tenant, session_id)
         # the index lives in another slot, so this is a second step: a session created again
         # between the two (its own index entry added before our removal) is put back
         if await self._call(self._redis.exists(meta_k)):
-            await self._call(self._redis.zadd(index, {session_id: 0}))
+            await self._call(self._write_index(tenant, session_id))
         return found
 
     async def list(self, tenant: str, after: str | None = None, limit: int = 20) -> Page:
@@ -243,7 +303,7 @@ class RedisStore(StateStore):
                 else:
                     metas.append(meta)
             if gone:
-                await self._call(self._redis.zrem(index, *gone))
+                await self._unindex(tenant, *gone)
             start = f"({ids[-1].decode()}"
             if len(ids) < want:
                 break
@@ -255,11 +315,16 @@ class RedisStore(StateStore):
         keys = self._keys(tenant, session_id, "lock", "fence", "meta", "state", "hist")
         fence_ttl = _ms(self.ttl_s + ttl_s) if self.ttl_s else 0
         token = await self._call(self._acquire(keys=keys, args=[_ms(ttl_s), secrets.token_hex(4), fence_ttl]))
+        if token:  # the lease keeps the session alive (_OUTLIVE_LOCK), and so its index
+            await self._outlive_lease(tenant, ttl_s)
         return token.decode() if token else None
 
     async def refresh_lock(self, tenant: str, session_id: str, token: str, ttl_s: float) -> bool:
         keys = self._keys(tenant, session_id, "lock", "fence", "meta", "state", "hist")
-        return await self._call(self._refresh(keys=keys, args=[_ms(ttl_s), token])) == 1
+        ok = await self._call(self._refresh(keys=keys, args=[_ms(ttl_s), token])) == 1
+        if ok:
+            await self._outlive_lease(tenant, ttl_s)
+        return ok
 
     async def release_lock(self, tenant: str, session_id: str, token: str) -> None:
         await self._call(self._release(keys=self._keys(tenant, session_id, "lock"), args=[token]))

@@ -207,6 +207,34 @@ async def test_redis_layout(redis_store_url: str) -> None:
         await store.close()
 
 
+async def test_redis_index_forgets_expired_sessions_without_listing(redis_store_url: str) -> None:
+    """A tenant that never lists still has sessions expire: the writes that follow drop their
+    index entries, and a lock's lease that kept a session alive keeps its entry."""
+    store = open_store(redis_store_url, ttl_s=0.3)
+    prefix = redis_store_url.split("prefix=")[1]
+    client = redis.Redis.from_url(REDIS_URL)
+    index = f"{prefix}:idx:{{acme}}"
+    try:
+        for i in range(40):
+            assert await store.commit(record(sid=f"old{i:02}"), 0, None)
+        token = await store.acquire_lock("acme", "old00", ttl_s=1.5)  # its keys outlive the TTL
+        await asyncio.sleep(0.5)
+        for i in range(4):  # 4 writes may check 64 entries: every expired one
+            assert await store.commit(record(sid=f"new{i}"), 0, None)
+        listed = sorted(m.decode() for m in client.zrange(index, 0, -1))
+        assert listed == ["new0", "new1", "new2", "new3", "old00"]
+        for key in (index, f"{prefix}:exp:{{acme}}"):  # the lease's, the longest of any session's
+            assert 300 < client.pttl(key) <= 1000
+        await store.release_lock("acme", "old00", token)
+        assert await store.delete("acme", "new0")
+        assert client.zscore(f"{prefix}:exp:{{acme}}", "new0") is None
+        await asyncio.sleep(1.2)
+        assert client.exists(index, f"{prefix}:exp:{{acme}}") == 0  # a quiet tenant leaves nothing
+    finally:
+        client.close()
+        await store.close()
+
+
 def _cluster_keyslot_available(client: redis.Redis) -> bool:
     try:
         client.execute_command("CLUSTER KEYSLOT", "x")
