@@ -50,7 +50,7 @@ import torch
 from hope_core.engine import GenerationResult, PromptAbsorbed, TokenEvent, UpdateRecord
 from hope_core.model import Learning, State
 from hope_core.sampling import Alternatives, SamplingParams
-from hope_core.scheduler import Cancelled, Job, JobResult, StepStats
+from hope_core.scheduler import Cancelled, Job, JobResult, NotAdmitted, StepStats
 from hope_core.state import SessionState
 
 log = logging.getLogger("hope.engine_process")
@@ -341,6 +341,7 @@ class EngineProcess:
         self._post({"op": "submit", "id": jid, "slot": slot, "fresh": fresh, "prompt": list(job.prompt),
                     "params": asdict(job.params), "learn": _learning_to_wire(job.learn),
                     "close_turn": job.close_turn, "prompt_alternatives": job.prompt_alternatives,
+                    "admit_within_s": job.admit_within_s,
                     "fingerprint": job.session.fingerprint,
                     "version": job.session.version})
         return future
@@ -433,7 +434,8 @@ class EngineProcess:
             return
         if "error" in out:
             kind, message = out["error"]
-            self._finish(jid, error=Cancelled() if kind == "Cancelled" else RuntimeError(message))
+            error = {"Cancelled": Cancelled, "NotAdmitted": NotAdmitted}.get(kind, RuntimeError)
+            self._finish(jid, error=error(message))
             return
         f.job.session.state = self.slots.read(f.slot)
         self._finish(jid, result=_result_from_wire(out["result"]))
@@ -519,7 +521,8 @@ class _Core:
         job = Job(SessionState(state, msg["fingerprint"], msg["version"]), msg["prompt"],
                   SamplingParams(**msg["params"]), _learning_from_wire(msg["learn"]), msg["close_turn"],
                   emit=lambda item: self.items.append(["emit", jid, _item_to_wire(item)]),
-                  cancel=threading.Event(), prompt_alternatives=msg["prompt_alternatives"])
+                  cancel=threading.Event(), prompt_alternatives=msg["prompt_alternatives"],
+                  admit_within_s=msg["admit_within_s"])
         try:
             future = self.scheduler.submit(job)
         except Exception as e:

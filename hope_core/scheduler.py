@@ -62,10 +62,16 @@ class Job:
     emit: Emit | None = None
     cancel: threading.Event | None = None  # set: drop the job before its next piece of work
     prompt_alternatives: int = 0  # the most likely tokens reported at each prompt token's position
+    admit_within_s: float | None = None  # not given a row of the batch by then: NotAdmitted
 
 
 class Cancelled(Exception):
     """A job's `cancel` event was set before it finished."""
+
+
+class NotAdmitted(Exception):
+    """A job waited longer than its `admit_within_s` for a row of the batch. It touched
+    nothing: its session is as it was submitted."""
 
 
 @dataclass
@@ -89,6 +95,7 @@ class StepStats:
 class _Running:
     def __init__(self, job: Job, future: Future) -> None:
         self.job, self.future = job, future
+        self.queued_at = time.monotonic()
         self.learning = _learning(job.learn)
         self.pos = 0  # prompt tokens absorbed
         self.prompt_logprobs: list[float] = []
@@ -229,8 +236,15 @@ class Scheduler:
                 self._waiting.remove(r)
             while self._waiting and len(self._prefill) + len(self._decoding) < self.max_batch:
                 self._prefill.append(self._waiting.popleft())
+            now = time.monotonic()
+            overdue = [r for r in self._waiting
+                       if r.job.admit_within_s is not None and now - r.queued_at > r.job.admit_within_s]
+            for r in overdue:
+                self._waiting.remove(r)
         for r in queued_cancelled:
             self._end(r, Cancelled())
+        for r in overdue:
+            self._end(r, NotAdmitted(f"no row of the batch came free in {r.job.admit_within_s:g} s"))
         for r in [r for r in self._prefill if r.cancelled]:
             self._prefill.remove(r)
             self._end(r, Cancelled())

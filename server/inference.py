@@ -27,9 +27,9 @@ from starlette.types import Message, Receive, Scope, Send
 from hope_core.engine import PromptAbsorbed, TokenEvent
 from hope_core.engine_process import EngineDied
 from hope_core.sampling import SamplingParams
-from hope_core.scheduler import Job, JobResult
+from hope_core.scheduler import Job, JobResult, NotAdmitted
 from server.context import Context
-from server.errors import TURN_SCOPE_KEY, APIError, bad_request, engine_unavailable, not_found
+from server.errors import TURN_SCOPE_KEY, APIError, bad_request, engine_unavailable, not_found, overloaded
 from server.schemas import SamplingFields, SessionInfo, Surprise
 from server.sessions import SessionManager, Turn
 from server.stores.base import valid_session_id
@@ -121,6 +121,9 @@ class Plan:
     learn: bool
     close_turn: int | None = None  # chat: absorbed after a reply that did not end on a stop token
     prompt_alternatives: int = 0  # completions' echo: the most likely tokens at each prompt token
+    # a reply that sends nothing until it ends (not a stream, which sends keep-alives) may wait
+    # only this long for a row of the batch, as for an engine slot (Admission.acquire)
+    admit_within_s: float | None = None
 
 
 # ---- the async side --------------------------------------------------------------------------
@@ -134,7 +137,7 @@ class TurnRun:
         # a reply cut by max_tokens or a stop string is closed with <|end|>, so the stream reads
         # exactly as if the client re-sent the reply as an assistant message
         job = Job(turn.work, plan.prompt, plan.params, plan.learn, close_turn=plan.close_turn,
-                  prompt_alternatives=plan.prompt_alternatives)
+                  prompt_alternatives=plan.prompt_alternatives, admit_within_s=plan.admit_within_s)
         try:
             self.stream = JobStream(ctx.scheduler, job)
         except EngineDied:
@@ -174,6 +177,8 @@ class TurnRun:
                 yield item
         except EngineDied:  # the job failed as a whole: nothing was committed
             raise engine_unavailable(self.ctx.settings.overload_retry_after_s) from None
+        except NotAdmitted as e:  # it never ran: nothing was absorbed
+            raise overloaded(f"{e}; try again shortly", self.ctx.settings.overload_retry_after_s) from None
 
     def stop(self) -> None:
         self.stream.stop()

@@ -256,8 +256,9 @@ class Admission:
     async def acquire(self) -> None:
         """A slot, or 429 after `busy_timeout_s` in the queue, so that a request does not wait
         unseen for a slot for longer than that (a proxy's read timeout must outlast it). With
-        `max_batch_size` below `max_concurrent_requests`, its job may then still wait in the
-        scheduler's queue for a row of the batch, without a deadline."""
+        `max_batch_size` below `max_concurrent_requests`, its job may then wait in the
+        scheduler's queue for a row of the batch: as long again if it is not a stream
+        (`Plan.admit_within_s`), and with keep-alives if it is."""
         if self._slots.locked():
             with self.queued():
                 try:

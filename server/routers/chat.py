@@ -95,7 +95,8 @@ async def chat_completions(body: ChatRequest, request: Request, ctx: Ctx,
         prompt = [t for role, content in messages[resent:] for t in tok.encode_message(role, content)]
         prompt.append(tok.role_ids["assistant"])
         check_prompt_size(ctx, len(prompt), "messages")
-        run = TurnRun(ctx, turn, Plan(prompt, params, body.learn, close_turn=tok.end_id), started)
+        run = TurnRun(ctx, turn, Plan(prompt, params, body.learn, close_turn=tok.end_id,
+                                      admit_within_s=None if body.stream else ctx.settings.busy_timeout_s), started)
     except BaseException:
         await turn.release()
         raise

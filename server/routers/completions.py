@@ -144,7 +144,9 @@ async def completions(body: CompletionRequest, request: Request, ctx: Ctx,
     turn = await begin_turn(request, sessions, tenant, session_id, body.learn)
     try:
         run = TurnRun(ctx, turn, Plan(prompt, params, body.learn,
-                                      prompt_alternatives=alternatives if body.echo else 0), started)
+                                      prompt_alternatives=alternatives if body.echo else 0,
+                                      admit_within_s=None if body.stream else ctx.settings.busy_timeout_s),
+                      started)
     except BaseException:
         await turn.release()
         raise

@@ -20,7 +20,7 @@ from hope_core.engine import PromptAbsorbed, TokenEvent
 from hope_core.engine_process import EngineDied, EngineProcess, StateSlots, slot_layout
 from hope_core.model import State
 from hope_core.sampling import SamplingParams
-from hope_core.scheduler import Cancelled, Job, Scheduler
+from hope_core.scheduler import Cancelled, Job, NotAdmitted, Scheduler
 
 WAIT_S = 120  # a generous bound for a job on a loaded 2-core machine
 
@@ -29,8 +29,8 @@ def close(a: list[float], b: list[float]) -> None:
     torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=ATOL, rtol=0)
 
 
-def start_process(engine, engine_dir, slots: int = 8, **kwargs) -> EngineProcess:
-    return EngineProcess(engine_dir, engine.new_session().state, slots=slots, max_batch=8, prefill_tokens=16,
+def start_process(engine, engine_dir, slots: int = 8, max_batch: int = 8, **kwargs) -> EngineProcess:
+    return EngineProcess(engine_dir, engine.new_session().state, slots=slots, max_batch=max_batch, prefill_tokens=16,
                          threads=1, vocab_size=engine.cfg.vocab_size, **kwargs).start()
 
 
@@ -138,6 +138,29 @@ def test_cancel_and_a_consumer_that_leaves_stop_only_their_job(engine, proc):
     assert len(futures[2].result(timeout=WAIT_S).generation.token_ids) == 12
     assert keeper_session.state is not before
     assert proc.busy == 0
+
+
+def test_a_job_not_admitted_in_time_crosses_as_not_admitted(engine, engine_dir):
+    """The deadline for a row of the batch crosses to the child, and its failure comes back as
+    NotAdmitted (the server answers 429), the session untouched."""
+    proc = start_process(engine, engine_dir, slots=3, max_batch=2)  # more jobs than rows, as the server may
+    try:
+        long_jobs = [Job(engine.new_session(), [5 + i], SamplingParams(max_tokens=4000, seed=i)) for i in range(2)]
+        futures = [proc.submit(j) for j in long_jobs]
+        late_session = engine.new_session()
+        before = late_session.state
+        late = proc.submit(Job(late_session, [7], SamplingParams(max_tokens=3), admit_within_s=0.2))
+        with pytest.raises(NotAdmitted, match=r"0\.2 s"):
+            late.result(timeout=WAIT_S)
+        assert late_session.state is before
+        for j in long_jobs:
+            proc.cancel(j)
+        for f in futures:
+            with pytest.raises(Cancelled):
+                f.result(timeout=WAIT_S)
+        assert proc.busy == 0
+    finally:
+        proc.stop()
 
 
 def test_bad_tokens_are_refused_before_anything_runs(engine, proc):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import random
 import threading
+import time
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from hope_core.batch import DecodeBatch
 from hope_core.engine import Engine, PromptAbsorbed, TokenEvent
 from hope_core.model import Learning, State
 from hope_core.sampling import SamplingParams, sample, sample_rows
-from hope_core.scheduler import Cancelled, Job, Scheduler
+from hope_core.scheduler import Cancelled, Job, NotAdmitted, Scheduler
 
 
 def alone(engine: Engine, prompt: list[int], params: SamplingParams, learn=True, base=None):
@@ -508,6 +509,32 @@ def test_a_job_cancelled_in_the_queue_ends_at_the_next_step(engine):
     sched.step()
     assert queued.done() and isinstance(queued.exception(), Cancelled)
     assert not running.done()
+
+
+def test_a_job_not_admitted_in_time_ends_untouched(engine):
+    """`admit_within_s` bounds the wait for a row of the batch: past it the queued job fails
+    with NotAdmitted and its session is as it was; a job admitted in time runs as if alone, and
+    a job without a deadline waits as long as it takes."""
+    sched = Scheduler(engine, max_batch=1)
+    running = sched.submit(Job(engine.new_session(), [5, 6], SamplingParams(max_tokens=30, temperature=0)))
+    late_session, patient_session = engine.new_session(), engine.new_session()
+    before = {name: t.clone() for name, t in late_session.state.tensors().items()}
+    late = sched.submit(Job(late_session, [7], SamplingParams(max_tokens=3), admit_within_s=0.05))
+    patient = sched.submit(Job(patient_session, [7], SamplingParams(max_tokens=3)))
+    sched.step()
+    time.sleep(0.1)
+    sched.step()
+    assert late.done() and isinstance(late.exception(), NotAdmitted)
+    assert "0.05 s" in str(late.exception())
+    assert all(torch.equal(t, before[name]) for name, t in late_session.state.tensors().items())
+    assert not patient.done() and not running.done()
+    prompt, params = [9, 10], SamplingParams(max_tokens=4, seed=2)
+    in_time_session = engine.new_session()
+    in_time = sched.submit(Job(in_time_session, prompt, params, admit_within_s=60))
+    run_to_end(sched, [running, patient, in_time])
+    ref, ref_session = alone(engine, prompt, params)
+    assert in_time.result().generation.token_ids == ref.token_ids
+    assert_same_state(in_time_session, ref_session)
 
 
 def _broken_session(engine: Engine, **tensors: torch.Tensor):

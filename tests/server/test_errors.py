@@ -235,6 +235,29 @@ async def test_429_after_waiting_too_long_for_an_engine_slot(engine: Engine) -> 
         assert (await api.client.post("/v1/chat/completions", json=chat_body(api, session_id="s2"))).status_code == 200
 
 
+async def test_429_after_waiting_too_long_for_a_row_of_the_batch(engine: Engine) -> None:
+    """With more engine slots than batch rows, a non-streaming request (silent until it ends)
+    waits for a row no longer than for a slot: 429, and nothing absorbed. A stream waits, with
+    keep-alives, and runs once a row is free."""
+    async with running_app(engine, max_concurrent_requests=3, max_batch_size=1, busy_timeout_s=0.3,
+                           overload_retry_after_s=2) as api:
+        slow = asyncio.create_task(api.client.post(
+            "/v1/chat/completions", json=chat_body(api, session_id="s1", max_tokens=300, ignore_eos=True, stream=True)))
+        await _wait_running(api, 1)
+        patient = asyncio.create_task(api.client.post(
+            "/v1/completions", json={"model": api.model, "prompt": "later", "session_id": "s3", "max_tokens": 2,
+                                     "stream": True}))
+        for path, body in (("/v1/chat/completions", chat_body(api, session_id="s2")),
+                           ("/v1/completions", {"model": api.model, "prompt": "hi", "session_id": "s2"})):
+            r = await api.client.post(path, json=body)
+            assert "row of the batch came free in 0.3 s" in assert_error(r, 429, code="overloaded")["message"]
+            assert r.headers["Retry-After"] == "2"
+        await api.session("s2", expect=404)
+        assert (await slow).status_code == 200
+        assert "data: [DONE]" in (await patient).text
+        assert (await api.session("s3"))["version"] == 1
+
+
 async def test_503_store_unreachable(engine: Engine) -> None:
     async with running_app(engine, store=f"redis://127.0.0.1:{free_port()}/0", overload_retry_after_s=2) as api:
         r = await api.client.post("/v1/chat/completions", json=chat_body(api, session_id="s"))
