@@ -210,15 +210,25 @@ class TurnRun:
         await self.stream.aclose()
 
 
-async def collect(request: Request, run: TurnRun) -> list[PromptAbsorbed | TokenEvent]:
-    """Run a non-streaming turn to its end, stopping it if the client disconnects meanwhile."""
+async def collect(request: Request, *runs: TurnRun) -> None:
+    """Run non-streaming turns (of one request) to their end together, stopping them all if the
+    client disconnects meanwhile, or if one fails."""
     watcher = asyncio.create_task(_wait_disconnect(request))
-    watcher.add_done_callback(lambda t: t.cancelled() or run.stop())
+    watcher.add_done_callback(lambda t: t.cancelled() or [run.stop() for run in runs])
+    drains = [asyncio.ensure_future(_drain(run)) for run in runs]
     try:
-        return [item async for item in run.events()]
+        await asyncio.gather(*drains)
     finally:
         watcher.cancel()
-        await run.aclose()
+        for d in drains:
+            d.cancel()
+        for run in runs:
+            await run.aclose()
+
+
+async def _drain(run: TurnRun) -> None:
+    async for _ in run.events():
+        pass
 
 
 async def begin_turn(request: Request, sessions: SessionManager, tenant: str, session_id: str | None,
@@ -303,12 +313,14 @@ def count_failure(ctx: Context, reason: str) -> None:
 
 # ---- server-sent events ----------------------------------------------------------------------
 
-async def guarded_stream(ctx: Context, run: TurnRun, events: AsyncIterator[str], what: str) -> AsyncIterator[str]:
-    """The failure rules every SSE stream shares, around the events a route produces.
+async def guarded_stream(ctx: Context, runs: Sequence[TurnRun], events: AsyncIterator[str],
+                         what: str) -> AsyncIterator[str]:
+    """The failure rules every SSE stream shares, around the events a route produces from its
+    turns (one, or one per prompt).
 
     Once a stream has begun its status is sent, so an error (a version conflict at commit, a bug)
     goes out as a `data: {"error": ...}` event before `[DONE]`; a client that left gets nothing
-    and nothing is committed. The turn's worker and lock are always released.
+    and nothing is committed. The turns' workers and locks are always released.
     """
     try:
         async for event in events:
@@ -328,8 +340,9 @@ async def guarded_stream(ctx: Context, run: TurnRun, events: AsyncIterator[str],
         count_failure(ctx, "disconnected")
         raise
     finally:
-        await run.aclose()
-        await run.turn.release()
+        for run in runs:
+            await run.aclose()
+            await run.turn.release()
 
 
 def sse(data: dict[str, Any] | str) -> str:

@@ -23,6 +23,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SkipValidation,
     StringConstraints,
     ValidationInfo,
     WithJsonSchema,
@@ -217,11 +218,12 @@ class ChatRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    # text, or token ids of the served tokenizer (as OpenAI's and vLLM's clients send them)
-    prompt: Annotated[str | list[int], WithJsonSchema({"anyOf": [
+    # text, or token ids of the served tokenizer (as OpenAI's and vLLM's clients send them), or a
+    # list of either; validated by `_prompts` (into a list of prompts), not by the type
+    prompt: Annotated[list[str | list[int]], SkipValidation, WithJsonSchema({"anyOf": [
         {"type": "string"}, {"type": "array", "items": {"type": "integer"}, "minItems": 1},
-        {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1},
-        {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}, "minItems": 1, "maxItems": 1},
+        {"type": "array", "items": {"type": "string"}, "minItems": 1},
+        {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}, "minItems": 1},
     ]})]
     max_tokens: int | None = Field(None, ge=0)  # None: OpenAI's 16 (capped by the limit); 0 scores the prompt
     echo: bool = False
@@ -243,20 +245,18 @@ class CompletionRequest(SamplingFields):
 
     @field_validator("prompt", mode="before")
     @classmethod
-    def _one_prompt(cls, v: Any) -> Any:
-        """One text, or one list of token ids (checked against the vocabulary later), alone or
-        in a list of one. The shape is checked here, in one pass: a union of list types would
-        be tried member by member on every element of a list of two million ids, with an error
-        for each element that fails, all turned into one answer on the event loop."""
+    def _prompts(cls, v: Any) -> list[str | list[int]]:
+        """One text or one list of token ids (checked against the vocabulary later), or a list
+        of such prompts. The shape is checked here, in one pass: a union of list types would be
+        tried member by member on every element of a list of two million ids, with an error for
+        each element that fails, all turned into one answer on the event loop."""
         if isinstance(v, str) or _token_ids(v, empty=False):
-            return v
-        if isinstance(v, list) and len(v) == 1 and (isinstance(v[0], str) or _token_ids(v[0], empty=True)):
-            return v[0]
+            return [v]
         if v == []:
             raise ValueError("an empty list is no prompt: send a string or a list of token ids")
         if isinstance(v, list) and all(isinstance(p, str) or _token_ids(p, empty=True) for p in v):
-            raise ValueError("exactly one prompt per request (a session is one stream)")
-        raise ValueError("a prompt is a string or a list of token ids (integers), or a list of one of either")
+            return v
+        raise ValueError("a prompt is a string or a list of token ids (integers), or a list of either")
 
 
 def _token_ids(v: Any, empty: bool) -> bool:

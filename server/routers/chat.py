@@ -110,7 +110,7 @@ async def chat_completions(body: ChatRequest, request: Request, ctx: Ctx,
 
     if body.stream:
         events = _events(run, body, completion_id, created, model, resent, finish_digests)
-        return EventStream(guarded_stream(ctx, run, events, "chat"),
+        return EventStream(guarded_stream(ctx, [run], events, "chat"),
                            background=BackgroundTask(_cleanup, run, turn), keepalive_s=ctx.settings.sse_keepalive_s)
 
     try:

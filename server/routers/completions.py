@@ -6,11 +6,18 @@ the prompt without generating; with `logprobs` the answer carries every prompt t
 log-probability given everything the session absorbed before it, and the `logprobs` most likely
 tokens at its place (OpenAI's legacy format, which lm-evaluation-harness reads). Generation stops
 at <|endoftext|> unless `ignore_eos`.
+
+A list of prompts (lm-evaluation-harness's `--batch_size`) runs each on a fresh ephemeral
+session, all at once in the scheduler's batch: one choice per prompt, in order (streamed, the
+choices' chunks interleave, each naming its `index`). With a session they are refused: a session
+is one stream, and several continuations of it could not all be stored.
 """
 
 from __future__ import annotations
 
+import asyncio
 import codecs
+import contextlib
 import logging
 import time
 import uuid
@@ -127,44 +134,91 @@ async def completions(body: CompletionRequest, request: Request, ctx: Ctx,
     alternatives = body.logprobs or 0
     params = sampling_params(ctx, body, body.max_tokens, "max_tokens", [tok.eot_id], default=16,  # OpenAI's
                              top_logprobs=alternatives)
-    if isinstance(body.prompt, str):
-        # lone surrogates (JSON's "\ud83d", a string cut inside an emoji) become U+FFFD, as the
-        # tokenizer reads them: the echoed text must be encodable, and one character stays one
-        check_prompt_chars(ctx, tok, len(body.prompt), "prompt")
-        prompt_text = sanitize(body.prompt)
-        prompt = tok.encode(prompt_text)
-    else:
-        prompt = list(body.prompt)
-        check_token_ids(tok, prompt, "prompt")
-        prompt_text = tok.decode(prompt)
-    if not prompt and params.max_tokens == 0:
+    if len(body.prompt) > 1:
+        if session_id is not None:
+            raise APIError(400, "several prompts in one request each run on a fresh ephemeral session; a "
+                           "session is one stream: send one prompt per request to it", param="prompt",
+                           code="invalid_value")
+        if len(body.prompt) > ctx.settings.max_concurrent_requests:
+            raise APIError(400, f"{len(body.prompt)} prompts, the most one request may send is "
+                           f"{ctx.settings.max_concurrent_requests}", param="prompt", code="invalid_value")
+    prompts = [_read_prompt(ctx, tok, p) for p in body.prompt]
+    if params.max_tokens == 0 and any(not ids for _, ids in prompts):
         raise APIError(400, "nothing to do: an empty prompt and max_tokens=0", param="prompt", code="invalid_value")
-    check_prompt_size(ctx, len(prompt), "prompt")
 
-    turn = await begin_turn(request, sessions, tenant, session_id, body.learn)
-    try:
-        run = TurnRun(ctx, turn, Plan(prompt, params, body.learn,
-                                      prompt_alternatives=alternatives if body.echo else 0,
-                                      admit_within_s=None if body.stream else ctx.settings.busy_timeout_s),
-                      started)
-    except BaseException:
-        await turn.release()
-        raise
+    plans = [Plan(ids, params, body.learn, prompt_alternatives=alternatives if body.echo else 0,
+                  admit_within_s=None if body.stream else ctx.settings.busy_timeout_s) for _, ids in prompts]
+    runs = await _begin_runs(request, ctx, sessions, tenant, session_id, body.learn, plans, started)
     completion_id = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
 
     if body.stream:
-        events = _events(run, body, prompt_text, completion_id, created, model)
-        return EventStream(guarded_stream(ctx, run, events, "completion"),
-                           background=BackgroundTask(_cleanup, run, turn), keepalive_s=ctx.settings.sse_keepalive_s)
+        events = _stream(runs, body, [text for text, _ in prompts], completion_id, created, model)
+        return EventStream(guarded_stream(ctx, runs, events, "completion"),
+                           background=BackgroundTask(_cleanup, runs), keepalive_s=ctx.settings.sse_keepalive_s)
 
     try:
-        await collect(request, run)
-        info = await run.finish()
+        await collect(request, *runs)
+        infos = [await run.finish() for run in runs]
     except Stopped:  # the client disconnected: nothing was committed, and nobody reads this answer
         raise client_closed() from None
     finally:
-        await turn.release()
+        for run in runs:
+            await run.turn.release()
+    choices = [_choice(tok, body, text, ids, run, i) for i, ((text, ids), run) in enumerate(zip(prompts, runs))]
+    n_prompt = sum(len(ids) for _, ids in prompts)
+    n_gen = sum(_generated(run) for run in runs)
+    return JSONResponse(dump(Completion(id=completion_id, created=created, model=model,
+                      system_fingerprint=ctx.system_fingerprint, choices=choices,
+                      usage=Usage(prompt_tokens=n_prompt, completion_tokens=n_gen, total_tokens=n_prompt + n_gen),
+                      session=infos[0] if len(runs) == 1 else None)))
+
+
+def _read_prompt(ctx, tok, prompt: str | list[int]) -> tuple[str, list[int]]:
+    """A prompt's text and token ids, checked."""
+    if isinstance(prompt, str):
+        # lone surrogates (JSON's "\ud83d", a string cut inside an emoji) become U+FFFD, as the
+        # tokenizer reads them: the echoed text must be encodable, and one character stays one
+        check_prompt_chars(ctx, tok, len(prompt), "prompt")
+        text = sanitize(prompt)
+        ids = tok.encode(text)
+    else:
+        ids = list(prompt)
+        check_token_ids(tok, ids, "prompt")
+        text = tok.decode(ids)
+    check_prompt_size(ctx, len(ids), "prompt")
+    return text, ids
+
+
+async def _begin_runs(request: Request, ctx, sessions, tenant: str, session_id: str | None, learn: bool,
+                      plans: list[Plan], started: float) -> list[TurnRun]:
+    """A turn and its run per plan. Several prompts take their engine slots as a group (see
+    Admission.group), and a failure gives back whatever was taken."""
+    runs: list[TurnRun] = []
+    try:
+        async with sessions.admission.group() if len(plans) > 1 else contextlib.nullcontext():
+            for plan in plans:
+                turn = await begin_turn(request, sessions, tenant, session_id, learn)
+                try:
+                    runs.append(TurnRun(ctx, turn, plan, started))
+                except BaseException:
+                    await turn.release()
+                    raise
+    except BaseException:
+        for run in runs:
+            await run.aclose()
+            await run.turn.release()
+        raise
+    return runs
+
+
+def _generated(run: TurnRun) -> int:
+    out = run.output
+    return len(out.generation.token_ids) if out is not None and out.generation else 0
+
+
+def _choice(tok, body: CompletionRequest, prompt_text: str, prompt: list[int], run: TurnRun,
+            index: int) -> CompletionChoice:
     out = run.output
     assert out is not None
     gen_ids = out.generation.token_ids if out.generation else []
@@ -178,21 +232,66 @@ async def completions(body: CompletionRequest, request: Request, ctx: Ctx,
                                    offset=len(prompt_text) if body.echo else 0)
         logprobs = _merge(logprobs, gen_part)
     text = (prompt_text if body.echo else "") + gen_text
-    return JSONResponse(dump(Completion(id=completion_id, created=created, model=model,
-                      system_fingerprint=ctx.system_fingerprint,
-                      choices=[CompletionChoice(text=text, logprobs=logprobs, finish_reason=run.finish_reason)],
-                      usage=Usage(prompt_tokens=len(prompt), completion_tokens=len(gen_ids),
-                                  total_tokens=len(prompt) + len(gen_ids)),
-                      session=info)))
+    return CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=run.finish_reason)
 
 
-async def _cleanup(run: TurnRun, turn) -> None:
-    await run.aclose()
-    await turn.release()
+async def _cleanup(runs: list[TurnRun]) -> None:
+    for run in runs:
+        await run.aclose()
+        await run.turn.release()
+
+
+async def _stream(runs: list[TurnRun], body: CompletionRequest, prompt_texts: list[str], completion_id: str,
+                  created: int, model: str) -> AsyncIterator[str]:
+    """The choices' chunks as they come (several prompts: interleaved, each chunk naming its
+    choice's index), then the usage of them all, then [DONE]."""
+    choices = [_events(run, body, text, completion_id, created, model, i)
+               for i, (run, text) in enumerate(zip(runs, prompt_texts))]
+    async for event in (choices[0] if len(choices) == 1 else _interleave(choices)):
+        yield event
+    opts = body.stream_options
+    if opts and opts.include_usage:
+        n_prompt = sum(len(run.plan.prompt) for run in runs)
+        n_gen = sum(_generated(run) for run in runs)
+        yield sse(dump(Completion(id=completion_id, created=created, model=model,
+                                  system_fingerprint=runs[0].ctx.system_fingerprint, choices=[],
+                                  usage=Usage(prompt_tokens=n_prompt, completion_tokens=n_gen,
+                                              total_tokens=n_prompt + n_gen))))
+    yield sse("[DONE]")
+
+
+async def _interleave(streams: list[AsyncIterator[str]]) -> AsyncIterator[str]:
+    """Items of several async iterators as each comes. The first to fail ends it, raising that
+    failure; the rest are cancelled."""
+    queue: asyncio.Queue[tuple[str | None, BaseException | None]] = asyncio.Queue()
+
+    async def pump(stream: AsyncIterator[str]) -> None:
+        try:
+            async for item in stream:
+                await queue.put((item, None))
+            await queue.put((None, None))
+        except Exception as e:
+            await queue.put((None, e))
+
+    tasks = [asyncio.ensure_future(pump(s)) for s in streams]
+    try:
+        for _ in streams:
+            while True:
+                item, error = await queue.get()
+                if error is not None:
+                    raise error
+                if item is None:
+                    break
+                yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _events(run: TurnRun, body: CompletionRequest, prompt_text: str, completion_id: str,
-                  created: int, model: str) -> AsyncIterator[str]:
+                  created: int, model: str, index: int) -> AsyncIterator[str]:
+    """One choice's chunks, its finish chunk last."""
     tok = run.turn.manager.engine.tokenizer
     fingerprint = run.ctx.system_fingerprint
     opts = body.stream_options
@@ -202,7 +301,8 @@ async def _events(run: TurnRun, body: CompletionRequest, prompt_text: str, compl
         finish = extra.pop("finish_reason", None)
         logprobs = extra.pop("logprobs", None)
         c = Completion(id=completion_id, created=created, model=model, system_fingerprint=fingerprint,
-                       choices=[CompletionChoice(text=text, logprobs=logprobs, finish_reason=finish)], **extra)
+                       choices=[CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish)],
+                       **extra)
         return sse(dump(c))
 
     pending: list[TokenEvent] = []  # tokens not yet sent in a chunk (for their surprise)
@@ -244,12 +344,3 @@ async def _events(run: TurnRun, body: CompletionRequest, prompt_text: str, compl
     # log-probabilities close the stream (as in chat)
     yield chunk("", finish_reason=run.finish_reason, session=info,
                 logprobs=logprobs_of(completed + (sent.rest() if sent else [])))
-    if opts and opts.include_usage:
-        out = run.output
-        assert out is not None
-        n_prompt, n_gen = len(run.plan.prompt), len(out.generation.token_ids) if out.generation else 0
-        yield sse(dump(Completion(id=completion_id, created=created, model=model, system_fingerprint=fingerprint,
-                                  choices=[],
-                                  usage=Usage(prompt_tokens=n_prompt, completion_tokens=n_gen,
-                                              total_tokens=n_prompt + n_gen))))
-    yield sse("[DONE]")

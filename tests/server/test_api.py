@@ -361,6 +361,44 @@ async def test_completions_alternatives_are_the_most_likely_tokens(engine: Engin
         assert streamed == [pytest.approx(t, abs=1e-5) for t in lp["top_logprobs"]]
 
 
+async def test_completions_of_several_prompts(engine: Engine) -> None:
+    """A list of prompts (as lm-evaluation-harness sends with --batch_size, and vLLM takes): one
+    choice per prompt, in order, each what the prompt alone gives on a fresh ephemeral session,
+    streamed or not; usage counts them all."""
+    tok = engine.tokenizer
+    prompts = ["Once upon a time", tok.encode("The quick brown fox"), "A", tok.encode("x")]
+    async with running_app(engine) as api:
+        body = {"model": api.model, "max_tokens": 5, "temperature": 0, "echo": True, "logprobs": 2,
+                "ignore_eos": True}
+        alone = [(await api.client.post("/v1/completions", json={**body, "prompt": p})).json() for p in prompts]
+        out = (await api.client.post("/v1/completions", json={**body, "prompt": prompts})).json()
+        assert [c["index"] for c in out["choices"]] == [0, 1, 2, 3]
+        for choice, single in zip(out["choices"], alone):
+            want = single["choices"][0]
+            assert (choice["text"], choice["finish_reason"]) == (want["text"], want["finish_reason"])
+            assert choice["logprobs"]["tokens"] == want["logprobs"]["tokens"]
+            assert choice["logprobs"]["text_offset"] == want["logprobs"]["text_offset"]
+            assert choice["logprobs"]["token_logprobs"] == pytest.approx(want["logprobs"]["token_logprobs"], abs=1e-5)
+        for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
+            assert out["usage"][key] == sum(a["usage"][key] for a in alone)
+        assert "session" not in out  # several sessions, none stored
+
+        r = await api.client.post("/v1/completions", json={**body, "prompt": prompts, "stream": True,
+                                                           "stream_options": {"include_usage": True}})
+        assert r.text.endswith("data: [DONE]\n\n") and r.text.count("[DONE]") == 1
+        chunks = _stream_chunks(r)
+        texts, finished = ["", "", "", ""], []
+        for c in chunks:
+            for choice in c["choices"]:
+                texts[choice["index"]] += choice["text"]
+                if choice["finish_reason"] is not None:
+                    finished.append(choice["index"])
+        assert texts == [c["choices"][0]["text"] for c in alone]
+        assert sorted(finished) == [0, 1, 2, 3]
+        usage = [c["usage"] for c in chunks if c.get("usage")]
+        assert usage == [out["usage"]]
+
+
 async def test_chat_top_logprobs(engine: Engine) -> None:
     """`top_logprobs: k`: each token lists the k most likely tokens at its place, most likely
     first; greedy, the first is the token itself. Streamed as in the whole answer."""

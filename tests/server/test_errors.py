@@ -100,8 +100,9 @@ async def test_400_bad_input(engine: Engine) -> None:
         assert_error(r, 400, param="session_id")
         assert_error(await api.client.get("/v1/sessions/bad%20id"), 400, param="session_id")
         assert_error(await post("/v1/sessions/ok/fork", json={"new_id": "../x"}), 400, param="new_id")
-        r = await post("/v1/completions", json={"model": api.model, "prompt": ["a", "b"]})
+        r = await post("/v1/completions", json={"model": api.model, "prompt": ["a", "b"], "session_id": "s"})
         assert_error(r, 400, param="prompt")
+        assert_error(await post("/v1/completions", json={"model": api.model, "prompt": ["a", 5]}), 400, param="prompt")
         assert (await api.client.get("/v1/sessions")).json()["data"] == []  # nothing was created
 
 
@@ -256,6 +257,31 @@ async def test_429_after_waiting_too_long_for_a_row_of_the_batch(engine: Engine)
         assert (await slow).status_code == 200
         assert "data: [DONE]" in (await patient).text
         assert (await api.session("s3"))["version"] == 1
+
+
+async def test_several_prompts_are_refused_where_they_cannot_run(engine: Engine) -> None:
+    async with running_app(engine, max_concurrent_requests=3) as api:
+        post = api.client.post
+        err = assert_error(await post("/v1/completions", json={"model": api.model, "prompt": ["a", "b"],
+                                                               "session_id": "s"}), 400, param="prompt")
+        assert "one prompt per request" in err["message"]
+        err = assert_error(await post("/v1/completions", json={"model": api.model, "prompt": ["a"] * 4}),
+                           400, param="prompt")
+        assert "at most 3" in err["message"] or "is 3" in err["message"]
+        assert_error(await post("/v1/completions", json={"model": api.model, "prompt": ["a", ""], "max_tokens": 0}),
+                     400, param="prompt")
+        assert (await api.client.get("/v1/sessions")).json()["data"] == []
+
+
+async def test_requests_of_several_prompts_share_the_slots_without_deadlock(engine: Engine) -> None:
+    """Two requests that each need every engine slot take them one at a time: each holding some
+    and waiting for the rest would deadlock (then 429 after the busy timeout). They take turns."""
+    async with running_app(engine, max_concurrent_requests=3, busy_timeout_s=30) as api:
+        body = {"model": api.model, "prompt": ["a", "b", "c"], "max_tokens": 40, "ignore_eos": True}
+        answers = await asyncio.gather(*(api.client.post("/v1/completions", json=body) for _ in range(3)))
+        assert [r.status_code for r in answers] == [200, 200, 200], [r.text for r in answers]
+        assert all(len(r.json()["choices"]) == 3 for r in answers)
+        assert api.app.state.ctx.sessions.admission.running == 0
 
 
 async def test_503_store_unreachable(engine: Engine) -> None:
