@@ -23,7 +23,7 @@ from torch import Tensor
 from hope_core.checkpoint import Checkpoint, load_checkpoint
 from hope_core.model import LEVELS, ChunkMetrics, HopeLM, Learning, State
 from hope_core.sampling import Alternatives, SamplingParams, StopMatcher, sample, top_alternatives
-from hope_core.state import SessionState
+from hope_core.state import SessionState, StateError
 
 
 @dataclass
@@ -189,6 +189,17 @@ class Engine:
 
     def load_session(self, blob: bytes) -> SessionState:
         return SessionState.from_bytes(blob, self.model, self.fingerprint, self.device)
+
+    def check_usable(self, session: SessionState) -> None:
+        """Raise StateError if using the session overflows. A state made elsewhere can hold
+        finite values too large for the model, which every later turn would fail on: on a copy,
+        the open chunk is filled and learned, as a turn would."""
+        probe = session.copy()
+        res = self.absorb(probe, [self.tokenizer.eot_id] * (self.cfg.chunk - int(probe.state.n_open[0])))
+        finite = all(math.isfinite(lp) for lp in res.logprobs) and all(
+            bool(torch.isfinite(t).all()) for t in probe.state.tensors().values() if t.is_floating_point())
+        if not finite:
+            raise StateError("using it overflows: its values are too large for this model")
 
     # ---- absorbing -----------------------------------------------------------------------
 

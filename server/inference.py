@@ -58,13 +58,16 @@ def resolve_session_id(body_id: str | None, header_id: str | None, user: str | N
     `user-<first 32 hex digits of its SHA-256>`, so that the same user keeps one memory. So
     does one that starts with `user-` itself: an end user who picks "user-<that hash>" as a
     name must not reach John Smith's memory."""
-    body_id, header_id, user = body_id or None, header_id or None, user or None
+    # an empty id is a client's bug (an unset variable), not a wish to forget: refused below,
+    # where running it as an ephemeral session would drop its memory without a word
+    user = user or None
     if body_id and header_id and body_id != header_id:
         raise bad_request("session_id and the X-Session-Id header name different sessions", param="session_id")
-    if not body_id and not header_id and user is not None and (
+    if body_id is None and header_id is None and user is not None and (
             not valid_session_id(user) or user.startswith(HASHED_USER)):
         return HASHED_USER + hashlib.sha256(user.encode("utf-8", "surrogatepass")).hexdigest()[:32]
-    sid, param = (body_id, "session_id") if body_id else (header_id, "X-Session-Id") if header_id else (user, "user")
+    sid, param = ((body_id, "session_id") if body_id is not None else (header_id, "X-Session-Id")
+                  if header_id is not None else (user, "user"))
     if sid is not None and not valid_session_id(sid):
         raise bad_request(f"{param} must be 1-128 characters of letters, digits and . _ - @ + "
                           "(not starting with '.')", param=param, code="invalid_session_id")

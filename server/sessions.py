@@ -441,7 +441,7 @@ class Turn:
         except StateError as e:
             raise APIError(500, f"this request left the session's memory not finite ({e}); nothing was stored "
                            "and the session is as it was before it", code="state_not_finite",
-                           headers=NO_RETRY) from None
+                           reason="state_not_finite", headers=NO_RETRY) from None
         if len(blob) > m.settings.max_state_bytes:
             raise too_large(f"the session state ({len(blob)} bytes) exceeds the limit "
                             f"({m.settings.max_state_bytes} bytes)", code="state_too_large")
@@ -678,7 +678,7 @@ class SessionManager:
             return await run_blocking(self.io_executor, self.engine.load_session, blob)
         except StateError as e:
             raise APIError(409, f"{what} cannot be used with this checkpoint: {e}",
-                           code="session_incompatible", headers=NO_RETRY) from None
+                           code="session_incompatible", reason="session_incompatible", headers=NO_RETRY) from None
 
     # ---- session resources -------------------------------------------------------------------
 
@@ -708,7 +708,7 @@ class SessionManager:
         copy = record.renamed(tenant, new_id, uuid.uuid4().hex)
         if not await self.store.create(copy):
             raise APIError(409, f"session {new_id!r} already exists", param="new_id", code="session_exists",
-                           headers=NO_RETRY)
+                           reason="session_exists", headers=NO_RETRY)
         return copy.meta
 
     async def import_state(self, tenant: str, session_id: str, blob: bytes) -> SessionMeta:
@@ -719,6 +719,7 @@ class SessionManager:
                             f"({self.settings.max_state_bytes} bytes)", code="state_too_large")
         try:
             state = await run_blocking(self.io_executor, self.engine.load_session, blob)
+            await run_blocking(self.io_executor, self.engine.check_usable, state)
         except StateError as e:
             raise APIError(400, f"not a valid state for this checkpoint: {e}", code="invalid_state") from None
         turn = await self.begin(tenant, session_id, with_state=False, engine_slot=False)

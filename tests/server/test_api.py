@@ -476,6 +476,9 @@ async def test_session_resources(engine: Engine, other_engine: Engine) -> None:
         assert (await api.session("a"))["version"] == 1 and (await api.session("a2"))["version"] == 2
         taken = await api.client.post("/v1/sessions/a/fork", json={"new_id": "b"})
         assert taken.status_code == 409 and taken.headers["x-should-retry"] == "false"
+        metrics = await api.metrics()  # a name taken is no busy session
+        assert 'hope_request_failure_total{reason="session_exists"} 1.0' in metrics
+        assert 'reason="session_busy"' not in metrics
         assert (await api.client.post("/v1/sessions/nope/fork", json={"new_id": "x"})).status_code == 404
 
         # export, import under a new id: the same state, and it continues
@@ -563,25 +566,55 @@ async def test_warns_when_open_beyond_loopback(engine: Engine, caplog: pytest.Lo
         assert not any("HOPE_API_KEYS" in r.getMessage() for r in caplog.records)
 
 
-async def test_a_turn_that_overflows_the_memory_stores_nothing(engine: Engine) -> None:
-    """An imported state of huge but finite values passes the import's checks; the turn on it
-    overflows. The server must not store what its own loader would refuse (the session could
-    then never be used again): the turn fails and the session stays as imported."""
+def _huge_state(engine: Engine, version: int) -> bytes:
+    """A state of the right layout whose values are finite but too large for the model."""
     from safetensors.torch import save
 
     blob = engine.new_session().to_bytes()
     meta = json.loads(blob[8:8 + int.from_bytes(blob[:8], "little")])["__metadata__"]
     huge = {k: (torch.full_like(v, 3e38) * (1 - 2 * (torch.arange(v.numel()) % 2)).view(v.shape)
                 if v.is_floating_point() else v) for k, v in load(blob).items()}
+    return save(huge, metadata={**meta, "version": str(version)})
+
+
+async def test_an_import_that_would_overflow_is_refused(engine: Engine) -> None:
+    """Finite values too large for the model pass the loader's checks, but every turn on them
+    would fail: the import tries a chunk on a copy and refuses the state, creating nothing."""
     async with running_app(engine) as api:
-        r = await api.client.put("/v1/sessions/huge/state", content=save(huge, metadata=meta))
+        r = await api.client.put("/v1/sessions/huge/state", content=_huge_state(engine, 1))
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_state", r.text
+        assert "overflows" in r.json()["error"]["message"]
+        await api.session("huge", expect=404)
+        good = (await api.client.put("/v1/sessions/fine/state", content=engine.new_session().to_bytes()))
+        assert good.status_code == 200, good.text
+
+
+async def test_a_turn_that_overflows_the_memory_stores_nothing(engine: Engine) -> None:
+    """A stored state of huge but finite values (written before imports were tried, or by
+    another writer of the store): the turn on it overflows. The server must not store what its
+    own loader would refuse (the session could then never be used again): the turn fails, is
+    not counted as a server error that pages, and the session stays as stored."""
+    from dataclasses import replace
+
+    from server.settings import DEFAULT_TENANT
+    from server.stores import SessionRecord
+
+    async with running_app(engine) as api:
+        r = await api.client.put("/v1/sessions/huge/state", content=engine.new_session().to_bytes())
         assert r.status_code == 200, r.text
-        imported = (await api.client.get("/v1/sessions/huge/state")).content
+        store = api.app.state.ctx.sessions.store
+        stored = await store.load(DEFAULT_TENANT, "huge")
+        huge = _huge_state(engine, 2)
+        assert await store.commit(SessionRecord(replace(stored.meta, version=2, state_bytes=len(huge)),
+                                                stored.history, huge), 1, None)
         for _ in range(2):  # the second from the cache, if the first had left anything there
             failed = await api.chat("hello there, how are you today?", session="huge", expect=500)
             assert failed["error"]["code"] == "state_not_finite"
-        assert (await api.session("huge"))["version"] == 1
-        assert (await api.client.get("/v1/sessions/huge/state")).content == imported
+        assert (await api.session("huge"))["version"] == 2
+        assert (await api.client.get("/v1/sessions/huge/state")).content == huge
+        metrics = await api.metrics()
+        assert 'hope_request_failure_total{reason="state_not_finite"} 2.0' in metrics
+        assert 'reason="internal"' not in metrics
 
 
 async def test_a_lone_surrogate_in_an_echoed_prompt(engine: Engine) -> None:

@@ -93,9 +93,16 @@ async def test_400_bad_input(engine: Engine) -> None:
         r = await post("/v1/chat/completions", content=b"model=x", headers={"content-type": "text/plain"})
         assert "JSON object" in assert_error(r, 400)["message"]
         assert "no body" in assert_error(await post("/v1/chat/completions"), 400)["message"]
-        for bad in ("a\n", "a\r"):  # "$" of a Python regex matches before a final newline
+        for bad in ("a\n", "a\r", ""):  # "$" of a Python regex matches before a final newline
             assert_error(await post("/v1/chat/completions", json=chat_body(api, session_id=bad)), 400,
                          param="session_id", code="invalid_session_id")
+        # an empty id is an unset variable, not a wish for an ephemeral session that forgets
+        r = await post("/v1/chat/completions", json=chat_body(api), headers={"X-Session-Id": ""})
+        assert_error(r, 400, param="X-Session-Id", code="invalid_session_id")
+        for role in ("user", "system"):  # only an assistant's message may have no content
+            body = chat_body(api, messages=[{"role": role}])
+            assert "needs content" in assert_error(await post("/v1/chat/completions", json=body), 400,
+                                                   param="messages.0")["message"]
         r = await post("/v1/chat/completions", json=chat_body(api, session_id="a"), headers={"X-Session-Id": "b"})
         assert_error(r, 400, param="session_id")
         assert_error(await api.client.get("/v1/sessions/bad%20id"), 400, param="session_id")
