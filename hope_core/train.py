@@ -8,6 +8,7 @@ train ...` (DDP; each rank samples its own batches).
 A run directory holds
     checkpoint/          the servable checkpoint (safetensors weights, config, tokenizer)
     trainer.safetensors  optimizer state, for --resume
+    sampler.safetensors  the batch sampler's state, for --resume
     progress.json        step, tokens seen, elapsed time, the last losses
     log.jsonl            one line per logged step: the loss curve
 The learning-rate schedule (linear warm-up, cosine decay) follows whichever of `steps` and
@@ -24,12 +25,15 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import tomllib
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from hope_core import data
@@ -83,7 +87,17 @@ class TrainConfig:
         for name in ("max_minutes", "eval_every", "warmup_steps", "threads", "n_synthetic"):
             if getattr(self, name) < 0:
                 raise ValueError(f"[train] {name} must not be negative, not {getattr(self, name)}")
-        if not self.sources or any(not isinstance(w, (int, float)) or w < 0 for w in self.sources.values()):
+        for name in ("lr", "grad_clip"):  # grad_clip 0 would zero every gradient, not switch clipping off
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"[train] {name} must be a positive number, not {getattr(self, name)}"
+                                 + (" (for no clipping, give a large one)" if name == "grad_clip" else ""))
+        for name in ("max_minutes", "weight_decay", "session_init_lr_scale"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"[train] {name} must be a non-negative number, not {getattr(self, name)}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"[train] min_lr_ratio must be in [0, 1], not {self.min_lr_ratio}")
+        if not self.sources or any(not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0
+                                   for w in self.sources.values()):
             raise ValueError("[train] sources must map source names to non-negative weights")
         known = (*data.ALL_SOURCES, "synthetic", "reread")
         unknown = [name for name in self.sources if name not in known]
@@ -214,7 +228,7 @@ def save_trainer_state(path: Path, opt: torch.optim.Optimizer, progress: dict) -
         for k, v in st.items():
             flat[f"{idx}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
     tmp = path / ".trainer.tmp"
-    save_file(flat, str(tmp))
+    save_file(flat, str(tmp), metadata={"step": str(progress["step"])})
     os.replace(tmp, path / "trainer.safetensors")
     (path / ".progress.tmp").write_text(json.dumps(progress, indent=2))
     os.replace(path / ".progress.tmp", path / "progress.json")
@@ -319,8 +333,14 @@ def train(cfg: HopeConfig, tc: TrainConfig, resume: bool = False) -> Path:
     tokenizer = HopeTokenizer.from_file(tc.tokenizer)
     if tokenizer.vocab_size != cfg.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but vocab_size is {cfg.vocab_size}")
+    if rank == 0:  # reading and cleaning the sources takes a while on the first run
+        print(f"loading training data ({', '.join(n for n, w in tc.sources.items() if w)})",
+              file=sys.stderr, flush=True)
+    loading = time.perf_counter()
     train_stream = build_streams(tc, tokenizer, "train", window=cfg.window)
     heldout_stream = build_streams(tc, tokenizer, "heldout", window=cfg.window)
+    if rank == 0:
+        print(f"data loaded in {time.perf_counter() - loading:.0f} s", file=sys.stderr, flush=True)
     if tc.eval_every:  # a held-out stream too short for one sequence: found out now, not at the run's end
         heldout_stream.sample_batch(1, tc.seq_len, torch.Generator().manual_seed(0))
 
@@ -372,14 +392,17 @@ def train(cfg: HopeConfig, tc: TrainConfig, resume: bool = False) -> Path:
                 "train_config": asdict(tc), "params": n_params, "last_loss": last_loss}
         if heldout is not None:
             meta["heldout_loss"] = heldout
-        save_checkpoint(out / "checkpoint", model, tokenizer, training=meta)
-        save_file({"state": gen.get_state()}, str(out / ".sampler.tmp"))
-        os.replace(out / ".sampler.tmp", out / "sampler.safetensors")
-        save_trainer_state(out, opt, {"step": step, "tokens_seen": tokens_seen,
-                                      "elapsed_s": progress.elapsed, "last_loss": last_loss, "warmup_s": warmup_s})
-        if heldout is not None and heldout < best:  # the run may overshoot: keep its best point
-            best = heldout
-            save_checkpoint(out / "best", model, tokenizer, training=meta)
+        # one save is several files, each replaced atomically and tagged with its step (resume
+        # refuses a set that disagrees); a signal waits for the whole set
+        with signals_deferred():
+            save_checkpoint(out / "checkpoint", model, tokenizer, training=meta)
+            save_file({"state": gen.get_state()}, str(out / ".sampler.tmp"), metadata={"step": str(step)})
+            os.replace(out / ".sampler.tmp", out / "sampler.safetensors")
+            save_trainer_state(out, opt, {"step": step, "tokens_seen": tokens_seen, "elapsed_s": progress.elapsed,
+                                          "last_loss": last_loss, "warmup_s": warmup_s})
+            if heldout is not None and heldout < best:  # the run may overshoot: keep its best point
+                best = heldout
+                save_checkpoint(out / "best", model, tokenizer, training=meta)
 
     batch_buf = torch.zeros(tc.batch_size, tc.seq_len + 1, dtype=torch.long, device=device)
 
@@ -451,18 +474,91 @@ def train(cfg: HopeConfig, tc: TrainConfig, resume: bool = False) -> Path:
 
 def check_run_dir(out: Path, cfg: HopeConfig, resume: bool) -> None:
     """A run directory holds one run: a new run never writes over another, and `--resume`
-    continues only a run of the same model."""
+    continues only a run of the same model whose last save is whole. A run stopped before its
+    first save left only its log: a new run starts over in its place."""
     saved = out / "checkpoint" / "config.json"
+    never_saved = out.is_dir() and {p.name for p in out.iterdir()} <= {"log.jsonl"}
     if not resume:
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not never_saved:
             raise ValueError(f"{out} is not empty: --resume continues the run in it; or choose another --out")
+        if never_saved and (out / "log.jsonl").exists():
+            (out / "log.jsonl").unlink()
         return
     if not (out / "progress.json").is_file() or not saved.is_file():
-        raise ValueError(f"there is no run to resume in {out}")
+        raise ValueError(f"there is no run to resume in {out}" + (
+            ": it stopped before its first save; run again without --resume to start over" if never_saved else ""))
     model, want = json.loads(saved.read_text()).get("model") or {}, cfg.to_dict()
     if model != want:
         changed = sorted(k for k in want if model.get(k) != want[k])
         raise ValueError(f"{out} holds a run of another model (differs in {changed}); resume it with its config")
+    steps = saved_steps(out)
+    if len(set(steps.values())) > 1:
+        at = ", ".join(f"{name} at step {n}" for name, n in steps.items())
+        raise ValueError(f"{out}: its last save was cut short ({at}), so it cannot continue as an "
+                         f"uninterrupted run would; {out / 'checkpoint'} still loads, and a new run can start "
+                         "from scratch")
+
+
+def saved_steps(out: Path) -> dict[str, int]:
+    """The step at which each file of a run's last save was written (files saved before they
+    were tagged say nothing)."""
+    steps = {"progress.json": json.loads((out / "progress.json").read_text())["step"]}
+    training = json.loads((out / "checkpoint" / "config.json").read_text()).get("training") or {}
+    if "steps" in training:
+        steps["checkpoint"] = training["steps"]
+    for name in ("trainer.safetensors", "sampler.safetensors"):
+        if (out / name).is_file():
+            with safe_open(str(out / name), "pt") as f:
+                tag = (f.metadata() or {}).get("step")
+            if tag is not None:
+                steps[name] = int(tag)
+    return steps
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM that arrive during the block are delivered after it, to the handlers
+    of before (a save is made whole, then the run stops)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    old = {sig: signal.signal(sig, lambda signum, frame: arrived.append(signum))
+           for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        for signum in arrived:
+            signal.raise_signal(signum)
+
+
+# Settings of where a run trains, not of what it computes: a resumed run takes this machine's.
+MACHINE_SETTINGS = ("out_dir", "device", "threads", "cuda_graph", "tokenizer", "cache_dir", "token_dir")
+
+
+def resumed_settings(out: Path, cfg: HopeConfig, tc: TrainConfig, config_given: bool,
+                     given: Collection[str] = ()) -> tuple[HopeConfig, TrainConfig]:
+    """A resumed run continues with the settings it was started with (saved in its checkpoint),
+    so that it takes the steps an uninterrupted run would: without --config, those; with one, its
+    [model] and [train] must match them, except where the run trains (MACHINE_SETTINGS). The
+    command line's --steps and --max-minutes still lengthen or shorten it."""
+    saved = out / "checkpoint" / "config.json"
+    if not saved.is_file():
+        return cfg, tc  # check_run_dir says there is nothing to resume
+    meta = json.loads(saved.read_text())
+    kept = (meta.get("training") or {}).get("train_config")
+    if not config_given:
+        cfg = HopeConfig.from_dict(meta["model"])
+        return cfg, TrainConfig(**kept) if kept else tc
+    if kept:
+        differ = sorted(k for k, v in kept.items()
+                        if k not in (*MACHINE_SETTINGS, *given) and asdict(tc).get(k) != v)
+        if differ:
+            raise ValueError(f"{out} was started with other [train] settings ({', '.join(differ)}): a resumed "
+                             "run keeps its own (leave out --config to use them), or start a new run")
+    return cfg, tc
 
 
 class StopRequest:
@@ -494,7 +590,7 @@ class StopRequest:
 class Interrupted(Exception):
     def __init__(self, signum: int, step: int, out: Path) -> None:
         super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; the run is saved in {out}: "
-                         f"`hope train --config ... --out {out} --resume` continues it")
+                         f"`hope train --out {out} --resume` continues it")
         self.signum = signum
 
 
@@ -545,7 +641,7 @@ def summarize(run_dir: str | Path, every: int = 50) -> str:
         by_step[rec["step"]] = by_step.get(rec["step"], {}) | rec  # the end's held-out joins its line
     rows = [r for r in by_step.values() if "loss" in r]
     progress = json.loads((Path(run_dir) / "progress.json").read_text())
-    lines = ["| step | tokens seen | train loss (last 5 steps) | held-out loss | tokens/s | elapsed |",
+    lines = ["| step | tokens seen | train loss (mean of 5 logged steps) | held-out loss | tokens/s | elapsed |",
              "|---|---|---|---|---|---|"]
     tokens_per_step = progress["tokens_seen"] / max(progress["step"], 1)
     for i, r in enumerate(rows):
@@ -587,14 +683,14 @@ def main(argv: list[str] | None = None) -> None:
         return
     if a.out:
         tc.out_dir = a.out
-    if a.steps is not None:
-        if a.steps < 1:
-            raise ValueError(f"--steps must be at least 1, not {a.steps}")
-        tc.steps = a.steps
-    if a.max_minutes is not None:
-        tc.max_minutes = a.max_minutes
-    if a.device:
-        tc.device = a.device
+    if a.steps is not None and a.steps < 1:
+        raise ValueError(f"--steps must be at least 1, not {a.steps}")
+    given = {name: value for name, value in (("out_dir", a.out), ("steps", a.steps), ("max_minutes", a.max_minutes),
+                                              ("device", a.device), ("token_dir", a.token_dir))
+             if value is not None and value != ""}
+    if a.resume:
+        cfg, tc = resumed_settings(Path(tc.out_dir), cfg, tc, a.config is not None, set(given))
+    tc = TrainConfig(**(asdict(tc) | given))  # checked again, with the command line's values
     try:
         train(cfg, tc, resume=a.resume)
     except Interrupted as e:

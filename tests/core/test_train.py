@@ -213,6 +213,77 @@ def test_sigint_stops_after_the_step_and_saves_the_run(tmp_path: Path, tiny_stre
     assert load_checkpoint(tmp_path / "run" / "checkpoint").meta["training"]["steps"] == progress["step"]
 
 
+def test_a_save_cut_short_is_not_resumed(tmp_path: Path, tiny_streams: None,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A save is several files: a process killed between them leaves weights of one step beside
+    the optimizer state of another. Resuming that would silently train a different run."""
+    real = train.save_trainer_state
+
+    def die_at_step_6(path: Path, opt, progress: dict) -> None:
+        if progress["step"] == 6:
+            raise SystemExit("killed between the checkpoint and the trainer state")
+        real(path, opt, progress)
+
+    monkeypatch.setattr(train, "save_trainer_state", die_at_step_6)
+    with pytest.raises(SystemExit):
+        train.train(TINY, _tiny_run(tmp_path, steps=9))
+    monkeypatch.setattr(train, "save_trainer_state", real)
+    with pytest.raises(ValueError, match=r"cut short .*checkpoint at step 6.*trainer\.safetensors at step 3"):
+        train.train(TINY, _tiny_run(tmp_path, steps=9), resume=True)
+
+
+def test_a_signal_during_a_save_waits_for_the_whole_save(tmp_path: Path, tiny_streams: None,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C while the final save is being written (the loop's handlers are gone by then)
+    stops the run once every file of the save is written."""
+    real = train.save_checkpoint
+
+    def save_then_interrupt(path: Path, *args, **kwargs):
+        fingerprint = real(path, *args, **kwargs)
+        if path.name == "checkpoint":
+            os.kill(os.getpid(), signal.SIGINT)
+        return fingerprint
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(TINY, _tiny_run(tmp_path, steps=3, eval_every=0))
+    steps = train.saved_steps(tmp_path / "run")
+    assert set(steps) == {"progress.json", "checkpoint", "trainer.safetensors", "sampler.safetensors"}
+    assert set(steps.values()) == {3}
+
+
+def test_a_resumed_run_keeps_its_own_settings(tmp_path: Path, tiny_streams: None) -> None:
+    """`hope train --out X --resume` (the command an interrupted run prints) continues with the
+    settings the run was started with, the command line's --steps included; a --config whose
+    [train] differs is refused rather than silently changing the run."""
+    config = tmp_path / "tiny.toml"
+    model = "\n".join(f"{k} = {json.dumps(v)}" for k, v in TINY.to_dict().items())
+    train_table = 'seq_len = 64\nbatch_size = 2\nsteps = 40\nwarmup_steps = 1\neval_every = 0\nlog_every = 1\n'
+    config.write_text(f"[model]\n{model}\n[train]\n{train_table}device = \"cpu\"\n")
+    run = tmp_path / "run"
+    train.main(["--config", str(config), "--out", str(run), "--steps", "3"])
+    train.main(["--out", str(run), "--resume"])  # at its 3 steps already: nothing more to do
+    assert json.loads((run / "progress.json").read_text())["step"] == 3
+    with pytest.raises(ValueError, match=r"other \[train\] settings \(steps\)"):
+        train.main(["--config", str(config), "--out", str(run), "--resume"])
+    train.main(["--out", str(run), "--resume", "--steps", "5"])  # a longer run, asked for
+    assert json.loads((run / "progress.json").read_text())["step"] == 5
+    kept = load_checkpoint(run / "checkpoint").meta["training"]["train_config"]
+    assert (kept["steps"], kept["batch_size"], kept["out_dir"]) == (5, 2, str(run))
+
+
+def test_a_run_stopped_before_its_first_save_starts_over(tmp_path: Path, tiny_streams: None) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
+    with pytest.raises(ValueError, match="before its first save"):
+        train.train(TINY, _tiny_run(tmp_path, steps=2), resume=True)
+    train.train(TINY, _tiny_run(tmp_path, steps=2))
+    first = json.loads((run / "log.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 1 and first["loss"] != 9.0  # the old log went with the run that never saved
+    assert json.loads((run / "progress.json").read_text())["step"] == 2
+
+
 def test_config_values_of_the_wrong_type_or_range_are_refused(tmp_path: Path) -> None:
     p = tmp_path / "c.toml"
     for text, match in (('[model]\nself_modifying = "false"\n', "self_modifying"),
@@ -224,12 +295,22 @@ def test_config_values_of_the_wrong_type_or_range_are_refused(tmp_path: Path) ->
                         ("[model]\nd_model = 30\nn_heads = 2\n", "even"),  # rotary pairs
                         ("[model]\nchunk = 1\nwindow = 16\nmid_period = 16\n", "at least 2"),
                         ("[model]\nmid_period = 0\n", "at least one chunk"),
-                        ("[train.sources]\nshakespear = 1.0\n", "unknown sources")):
+                        ("[train.sources]\nshakespear = 1.0\n", "unknown sources"),
+                        ("[train]\ngrad_clip = 0\n", "no clipping"),  # 0 would zero every gradient
+                        ("[train]\ngrad_clip = -1.0\n", "grad_clip"),  # -1 would flip them
+                        ("[train]\nlr = nan\n", "lr"),
+                        ("[train]\nmin_lr_ratio = 5.0\n", "min_lr_ratio"),
+                        ("[train]\nweight_decay = -1.0\n", "weight_decay"),
+                        ("[train]\nsession_init_lr_scale = -0.5\n", "session_init_lr_scale"),
+                        ("[train.sources]\nfortunes = nan\n", "non-negative")):
         p.write_text(text)
         with pytest.raises(ValueError, match=match):
             train.load_config(p)
     with pytest.raises(ValueError, match="steps"):
         train.main(["--steps", "0", "--out", str(tmp_path / "zero")])
+    for minutes in ("-1", "nan"):  # the command line is checked as the config is
+        with pytest.raises(ValueError, match="max_minutes"):
+            train.main(["--max-minutes", minutes, "--out", str(tmp_path / "zero")])
     assert not (tmp_path / "zero").exists()
 
 
