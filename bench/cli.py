@@ -106,8 +106,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from bench import report
     from bench.timing import limit_threads
+    from hope_core.checkpoint import check_device
 
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(args.device)  # before any part runs: a bad one is one line, exit 2
     threads = limit_threads(args.threads)
     parts = [p for p in PARTS if p in args.only.split(",")]
     plan = Plan.make(device, args.quick)
@@ -157,6 +158,11 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             results.seconds[name] = time.perf_counter() - t0
             save()
+
+    if any(p != "http" for p in parts) or (args.checkpoint and not args.url):
+        # loaded before the parts, which report their failures and go on: a checkpoint that cannot
+        # be loaded is one line and exit 2 (hope.cli), not the same failure in every part
+        get_engine()
 
     main_thread = threading.current_thread() is threading.main_thread()  # signals go to the main thread only
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None

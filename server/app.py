@@ -1,5 +1,5 @@
-"""`create_app(settings)`: the FastAPI application. The lifespan loads the checkpoint and opens
-the store; the routes live in server.routers."""
+"""`create_app(settings)`: the FastAPI application. The lifespan loads the checkpoint (unless
+given an engine, as `hope serve` does) and opens the store; the routes live in server.routers."""
 
 from __future__ import annotations
 
@@ -43,7 +43,9 @@ def load_engine(settings: Settings, device: str | None = None) -> Engine:
 
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
-    """The app; `engine` may be given (tests share one), else the lifespan loads the checkpoint."""
+    """The app; `engine` may be given (tests share one; `hope serve` loads it before starting
+    uvicorn, so that a checkpoint it cannot use is a one-line error), else the lifespan loads the
+    checkpoint."""
     settings = settings or Settings()
     ctx = Context(settings=settings, metrics=Metrics())
     threads = settings.threads or torch.get_num_threads()

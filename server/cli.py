@@ -51,13 +51,18 @@ def main(argv: list[str] | None = None) -> None:
 
     import uvicorn
 
-    from hope_core.checkpoint import DEFAULT_CHECKPOINT
-    from server.app import create_app
+    from hope_core.checkpoint import DEFAULT_CHECKPOINT, check_device
+    from server.app import create_app, load_engine
 
     if settings.checkpoint is None and not (DEFAULT_CHECKPOINT / "model.safetensors").is_file():
         sys.exit(f"hope serve: the bundled checkpoint is missing ({DEFAULT_CHECKPOINT}); "
                  "pass --checkpoint DIR or train one with `hope train --config configs/bundled.toml`")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None,
+    # The device and the checkpoint are checked and loaded here, before uvicorn: a failure in the
+    # app's lifespan would come out as a traceback inside a log line and exit 3. Here the
+    # ValueError or OSError reaches hope.cli: one line `hope serve: error: ...`, exit 2.
+    device = check_device(settings.resolved_device())
+    engine = load_engine(settings, "cpu" if settings.engine_process else device)
+    uvicorn.run(create_app(settings, engine), host=settings.host, port=settings.port, log_config=None,
                 log_level="debug" if settings.log_level == "debug" else "warning",
                 access_log=settings.log_level == "debug", timeout_graceful_shutdown=5)
 

