@@ -37,7 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from hope_core import data
-from hope_core.checkpoint import save_checkpoint
+from hope_core.checkpoint import check_device, save_checkpoint
 from hope_core.model import HopeConfig, HopeLM
 from hope_core.tokenizer import DEFAULT_TOKENIZER_PATH, HopeTokenizer
 
@@ -315,8 +315,7 @@ def heldout_loss(model: HopeLM, stream: data.MixtureStream, tc: TrainConfig, dev
 
 def train(cfg: HopeConfig, tc: TrainConfig, resume: bool = False) -> Path:
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if tc.device == "auto":
-        tc.device = "cuda" if torch.cuda.is_available() else "cpu"
+    tc.device = check_device(tc.device)  # before the data loads: a bad one is a one-line error
     rank = 0
     if distributed:
         dist.init_process_group("nccl" if tc.device == "cuda" else "gloo")

@@ -320,6 +320,7 @@ def test_bad_arguments_are_one_line_errors(tmp_path: Path, capsys: pytest.Captur
     (tmp_path / "bad.toml").write_text("[model]\nd_model = 32.0\n")
     for argv in (["train", "--config", str(tmp_path / "missing.toml")],
                  ["train", "--config", str(tmp_path / "bad.toml")],
+                 ["train", "--device", "bogus", "--out", str(tmp_path / "dev")],
                  ["eval", "--set", "key_shift=ture"], ["bench", "--levels", "a,b"]):
         with pytest.raises(SystemExit) as info:
             cli.main(argv)
