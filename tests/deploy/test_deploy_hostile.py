@@ -298,7 +298,7 @@ def test_hostile_session_ids_refused(cluster: Cluster, client: httpx.Client) -> 
     # nothing reached Redis but well-formed keys of well-formed ids
     valid_id = SESSION_ID_RE.pattern.strip("^$")
     key = re.compile(rf"^{re.escape(cluster.prefix)}:(\{{default:{valid_id}\}}:(meta|state|hist|lock|fence)"
-                     rf"|idx:\{{default\}})$")
+                     rf"|(idx|exp):\{{default\}})$")
     keys = [k.decode("utf-8", "replace") for k in cluster.redis.client().scan_iter(match=f"{cluster.prefix}:*")]
     assert keys and all(key.match(k) for k in keys), [k for k in keys if not key.match(k)]
     assert client.get(f"{cluster.url}/v1/sessions/{real}").json()["version"] == 1
