@@ -66,7 +66,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         ctx.engine, ctx.model_id, ctx.created = eng, eng.checkpoint.name, int(time.time())
         ctx.metrics.model_info.info({
             "name": eng.checkpoint.name, "fingerprint": eng.fingerprint, "path": str(eng.checkpoint.path),
-            "device": device, "engine_process": str(separate).lower(), "d_model": str(eng.cfg.d_model),
+            "device": device, "engine_process": str(separate).lower(), "threads": str(threads),
+            "d_model": str(eng.cfg.d_model),
             "n_layers": str(eng.cfg.n_layers),
             "window": str(eng.cfg.window), "state_dtype": settings.state_dtype})
         ctx.store = open_store(settings.store, ttl_s=settings.session_ttl_s)

@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"hope serve: invalid settings:\n{e}")
     configure_logging(settings.log_level)
 
+    import torch
     import uvicorn
 
     from hope_core.checkpoint import DEFAULT_CHECKPOINT, check_device
@@ -61,6 +62,9 @@ def main(argv: list[str] | None = None) -> None:
     # app's lifespan would come out as a traceback inside a log line and exit 3. Here the
     # ValueError or OSError reaches hope.cli: one line `hope serve: error: ...`, exit 2.
     device = check_device(settings.resolved_device())
+    # "one per core" is torch's count before load_engine leaves this thread at one (the
+    # scheduler's thread then sets this count for itself)
+    settings = settings.model_copy(update={"threads": settings.threads or torch.get_num_threads()})
     engine = load_engine(settings, "cpu" if settings.engine_process else device)
     uvicorn.run(create_app(settings, engine), host=settings.host, port=settings.port, log_config=None,
                 log_level="debug" if settings.log_level == "debug" else "warning",

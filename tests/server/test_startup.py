@@ -8,9 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
-from tests.server.support import ROOT, free_port
+from tests.server.support import ROOT, ServerProcess, free_port
 
 
 def serve(*args: str) -> subprocess.CompletedProcess:
@@ -49,3 +50,17 @@ def test_a_device_this_machine_lacks_is_one_line(tiny_checkpoint: Path) -> None:
     out = r.stdout + r.stderr
     assert r.returncode == 2, out
     assert out.strip().splitlines() == ["hope serve: error: --device bogus: not a device; use cpu, cuda or cuda:N"]
+
+
+@pytest.mark.parametrize("env, threads", [({"OMP_NUM_THREADS": "2"}, "2"), ({"HOPE_THREADS": "3"}, "3")])
+def test_the_scheduler_gets_the_threads_it_was_given(env: dict[str, str], threads: str,
+                                                     tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """"One per core" is counted before loading the model leaves the main thread at one torch
+    thread: a server that started after it ran its scheduler on one core."""
+    server = ServerProcess(tiny_checkpoint, "memory://", tmp_path / "server.log", **env)
+    try:
+        info = next(line for line in httpx.get(f"{server.base_url}/metrics").text.splitlines()
+                    if line.startswith("hope_model_info{"))
+        assert f'threads="{threads}"' in info, info
+    finally:
+        server.stop()
