@@ -252,8 +252,6 @@ def main(argv: list[str] | None = None) -> None:
         ec.windows_per_source, ec.passages, ec.decode_tokens = 1, 3, 64
     engine = Engine(load_checkpoint(a.checkpoint, device, overrides), device)
     compare = Engine(load_checkpoint(a.compare, device), device) if a.compare else None
-    if compare is not None:  # before the evaluation, not after
-        check_comparable(engine, compare)
     log = (lambda *x: print(*x, file=sys.stderr)) if a.json else print
     runs = {k: ABLATIONS[k] for k in ("full", "slow_only")} if a.no_ablations else None
     r = evaluate(engine, ec, Path(a.cache_dir), compare, log, Path(a.token_dir) if a.token_dir else None, runs,

@@ -36,11 +36,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+def check_types(config: object, where: str) -> None:
+    """Each field of a config dataclass holds what its default is (an int where a float is
+    expected is taken as that float): a TOML `"false"` or `32.0` is refused, not read as true or
+    used as a size."""
+    for f in fields(config):  # type: ignore[arg-type]
+        value = getattr(config, f.name)
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        kind = type(default)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            setattr(config, f.name, float(value))
+        elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ValueError(f"{where} {f.name} must be {kind.__name__}, not {value!r}")
 
 
 @dataclass
@@ -70,6 +84,7 @@ class HopeConfig:
     tie_embeddings: bool = True
 
     def __post_init__(self) -> None:
+        check_types(self, "[model]")  # a config file's or a checkpoint's: `"false"`, `32.0`
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             raise ValueError("d_model / n_heads must be a whole, even number (rotary embeddings turn pairs)")
         if self.chunk < 2:  # the CMS loss of a chunk predicts its tokens from each other: none in 1

@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import tomllib
@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 
 from hope_core import data
 from hope_core.checkpoint import check_device, save_checkpoint
-from hope_core.model import HopeConfig, HopeLM
+from hope_core.model import HopeConfig, HopeLM, check_types
 from hope_core.tokenizer import DEFAULT_TOKENIZER_PATH, HopeTokenizer
 
 
@@ -105,20 +105,6 @@ class TrainConfig:
             raise ValueError(f"[train] unknown sources {unknown}; known: {list(known)}")
 
 
-def check_types(config: object, where: str) -> None:
-    """Each field of a config dataclass holds what its default is (an int where a float is
-    expected is taken as that float): a TOML `"false"` or `32.0` is refused, not read as true or
-    used as a size."""
-    for f in fields(config):  # type: ignore[arg-type]
-        value = getattr(config, f.name)
-        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
-        kind = type(default)
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            setattr(config, f.name, float(value))
-        elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise ValueError(f"{where} {f.name} must be {kind.__name__}, not {value!r}")
-
-
 def load_config(path: str | Path | None) -> tuple[HopeConfig, TrainConfig]:
     raw = tomllib.loads(Path(path).read_text()) if path else {}
     tables = set(raw) - {"model", "train"}
@@ -128,8 +114,7 @@ def load_config(path: str | Path | None) -> tuple[HopeConfig, TrainConfig]:
     unknown = set(raw.get("train", {})) - tc_known
     if unknown:
         raise ValueError(f"unknown [train] keys: {sorted(unknown)}")
-    cfg = HopeConfig.from_dict(raw.get("model", {}))
-    check_types(cfg, "[model]")
+    cfg = HopeConfig.from_dict(raw.get("model", {}))  # checks its fields' types itself
     tc = TrainConfig(**raw.get("train", {}))
     if tc.seq_len % cfg.chunk:
         raise ValueError(f"[train] seq_len {tc.seq_len} is not a multiple of [model] chunk {cfg.chunk}")

@@ -37,9 +37,9 @@ import math
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import anyio
@@ -241,7 +241,10 @@ class Admission:
         self.waiting = 0
         self.running = 0
         self._slots = asyncio.Semaphore(settings.max_concurrent_requests)
-        self._group = asyncio.Lock()
+        # held by a request while it takes several slots, one at a time: two such requests, each
+        # holding some and waiting for more, would wait for each other forever (a request of one
+        # slot never waits while holding it)
+        self.group = asyncio.Lock()
 
     @contextmanager
     def queued(self):
@@ -271,14 +274,6 @@ class Admission:
         else:
             await self._slots.acquire()
         self.running += 1
-
-    @asynccontextmanager
-    async def group(self) -> AsyncIterator[None]:
-        """Held by a request while it takes several slots, one at a time: two such requests,
-        each holding some and waiting for more, would wait for each other forever. A request of
-        one slot never waits while holding it, so it needs no part in this."""
-        async with self._group:
-            yield
 
     def release(self) -> None:
         self._slots.release()

@@ -166,11 +166,8 @@ async def completions(body: CompletionRequest, request: Request, ctx: Ctx,
         for run in runs:
             await run.turn.release()
     choices = [_choice(tok, body, text, ids, run, i) for i, ((text, ids), run) in enumerate(zip(prompts, runs))]
-    n_prompt = sum(len(ids) for _, ids in prompts)
-    n_gen = sum(_generated(run) for run in runs)
     return JSONResponse(dump(Completion(id=completion_id, created=created, model=model,
-                      system_fingerprint=ctx.system_fingerprint, choices=choices,
-                      usage=Usage(prompt_tokens=n_prompt, completion_tokens=n_gen, total_tokens=n_prompt + n_gen),
+                      system_fingerprint=ctx.system_fingerprint, choices=choices, usage=_usage(runs),
                       session=infos[0] if len(runs) == 1 else None)))
 
 
@@ -196,7 +193,7 @@ async def _begin_runs(request: Request, ctx, sessions, tenant: str, session_id: 
     Admission.group), and a failure gives back whatever was taken."""
     runs: list[TurnRun] = []
     try:
-        async with sessions.admission.group() if len(plans) > 1 else contextlib.nullcontext():
+        async with sessions.admission.group if len(plans) > 1 else contextlib.nullcontext():
             for plan in plans:
                 turn = await begin_turn(request, sessions, tenant, session_id, learn)
                 try:
@@ -212,9 +209,10 @@ async def _begin_runs(request: Request, ctx, sessions, tenant: str, session_id: 
     return runs
 
 
-def _generated(run: TurnRun) -> int:
-    out = run.output
-    return len(out.generation.token_ids) if out is not None and out.generation else 0
+def _usage(runs: list[TurnRun]) -> Usage:
+    n_prompt = sum(len(run.plan.prompt) for run in runs)
+    n_gen = sum(len(run.output.generation.token_ids) for run in runs if run.output and run.output.generation)
+    return Usage(prompt_tokens=n_prompt, completion_tokens=n_gen, total_tokens=n_prompt + n_gen)
 
 
 def _choice(tok, body: CompletionRequest, prompt_text: str, prompt: list[int], run: TurnRun,
@@ -251,12 +249,9 @@ async def _stream(runs: list[TurnRun], body: CompletionRequest, prompt_texts: li
         yield event
     opts = body.stream_options
     if opts and opts.include_usage:
-        n_prompt = sum(len(run.plan.prompt) for run in runs)
-        n_gen = sum(_generated(run) for run in runs)
         yield sse(dump(Completion(id=completion_id, created=created, model=model,
                                   system_fingerprint=runs[0].ctx.system_fingerprint, choices=[],
-                                  usage=Usage(prompt_tokens=n_prompt, completion_tokens=n_gen,
-                                              total_tokens=n_prompt + n_gen))))
+                                  usage=_usage(runs))))
     yield sse("[DONE]")
 
 
@@ -274,14 +269,15 @@ async def _interleave(streams: list[AsyncIterator[str]]) -> AsyncIterator[str]:
             await queue.put((None, e))
 
     tasks = [asyncio.ensure_future(pump(s)) for s in streams]
+    running = len(streams)
     try:
-        for _ in streams:
-            while True:
-                item, error = await queue.get()
-                if error is not None:
-                    raise error
-                if item is None:
-                    break
+        while running:
+            item, error = await queue.get()
+            if error is not None:
+                raise error
+            if item is None:
+                running -= 1
+            else:
                 yield item
     finally:
         for t in tasks:
